@@ -1,0 +1,1 @@
+"""Model ports (Flax NNX) and Hugging Face checkpoint I/O."""

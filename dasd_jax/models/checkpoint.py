@@ -1,0 +1,428 @@
+"""Hugging Face checkpoints <-> NNX models placed on a mesh.
+
+Consumes a Hugging Face folder (config.json, model.safetensors or sharded
+model-XXXXX-of-YYYYY.safetensors + model.safetensors.index.json, tokenizer files) and produces
+a model whose arrays already live on the mesh; `save_hf` writes a folder that transformers
+loads (config.json, safetensors shards + index, generation_config.json, tokenizer files).
+
+Loading reads one tensor at a time (memory-mapped) and builds each array with
+`jax.make_array_from_callback`, so every device receives only its shard and the host holds at
+most one parameter's layers at a time, never a full copy per device. `TENSOR_TABLE` is the one
+declarative map between HF names/layouts and ours; every tensor's shape is checked against the
+model before any device transfer, and a missing, unexpected or mis-shaped tensor fails with
+the tensor's name and file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from dasd_jax.models.qwen3 import ModelOptions, Qwen3, Qwen3Config
+from dasd_jax.sharding import named_sharding
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+# --------------------------------------------------------------------------- key table
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One HF tensor family <-> one of our parameters.
+
+    `hf` may contain `{l}` (one tensor per layer, stacked on our leading L dim).
+    `to_ours(w, cfg)` maps an HF array (one layer) to our layout; `to_hf` is its inverse.
+    """
+
+    ours: str
+    hf: str
+    to_ours: Callable[[np.ndarray, Any], np.ndarray]
+    to_hf: Callable[[np.ndarray, Any], np.ndarray]
+    when: Callable[[Any], bool] = lambda cfg: True
+
+    @property
+    def per_layer(self) -> bool:
+        return "{l}" in self.hf
+
+
+def _ident(w, c):
+    return w
+
+
+def _t(w, c):
+    return w.T
+
+
+def _heads_in(n_attr):  # HF [n*H, D] -> ours [D, n, H]
+    return lambda w, c: w.T.reshape(w.shape[1], getattr(c, n_attr), c.head_dim)
+
+
+def _heads_in_inv(w, c):  # ours [D, n, H] -> HF [n*H, D]
+    return w.reshape(w.shape[0], -1).T
+
+
+def _o_in(w, c):  # HF [D, N*H] -> ours [N, H, D]
+    return w.T.reshape(c.num_attention_heads, c.head_dim, w.shape[0])
+
+
+def _o_in_inv(w, c):
+    return w.reshape(-1, w.shape[-1]).T
+
+
+def _bias_in(n_attr):  # HF [n*H] -> ours [n, H]
+    return lambda w, c: w.reshape(getattr(c, n_attr), c.head_dim)
+
+
+def _flat(w, c):
+    return w.reshape(-1)
+
+
+def _bias(c):
+    return c.attention_bias
+
+
+_L = "model.layers.{l}."
+QWEN3_TABLE: tuple[TensorSpec, ...] = (
+    TensorSpec("embed_tokens", "model.embed_tokens.weight", _ident, _ident),
+    TensorSpec("norm", "model.norm.weight", _ident, _ident),
+    TensorSpec("lm_head", "lm_head.weight", _t, _t, lambda c: not c.tie_word_embeddings),
+    TensorSpec(
+        "layers.q_proj",
+        _L + "self_attn.q_proj.weight",
+        _heads_in("num_attention_heads"),
+        _heads_in_inv,
+    ),
+    TensorSpec(
+        "layers.k_proj",
+        _L + "self_attn.k_proj.weight",
+        _heads_in("num_key_value_heads"),
+        _heads_in_inv,
+    ),
+    TensorSpec(
+        "layers.v_proj",
+        _L + "self_attn.v_proj.weight",
+        _heads_in("num_key_value_heads"),
+        _heads_in_inv,
+    ),
+    TensorSpec("layers.o_proj", _L + "self_attn.o_proj.weight", _o_in, _o_in_inv),
+    TensorSpec("layers.q_norm", _L + "self_attn.q_norm.weight", _ident, _ident),
+    TensorSpec("layers.k_norm", _L + "self_attn.k_norm.weight", _ident, _ident),
+    TensorSpec("layers.input_layernorm", _L + "input_layernorm.weight", _ident, _ident),
+    TensorSpec(
+        "layers.post_attention_layernorm", _L + "post_attention_layernorm.weight", _ident, _ident
+    ),
+    TensorSpec("layers.gate_proj", _L + "mlp.gate_proj.weight", _t, _t),
+    TensorSpec("layers.up_proj", _L + "mlp.up_proj.weight", _t, _t),
+    TensorSpec("layers.down_proj", _L + "mlp.down_proj.weight", _t, _t),
+    TensorSpec(
+        "layers.q_bias", _L + "self_attn.q_proj.bias", _bias_in("num_attention_heads"), _flat, _bias
+    ),
+    TensorSpec(
+        "layers.k_bias", _L + "self_attn.k_proj.bias", _bias_in("num_key_value_heads"), _flat, _bias
+    ),
+    TensorSpec(
+        "layers.v_bias", _L + "self_attn.v_proj.bias", _bias_in("num_key_value_heads"), _flat, _bias
+    ),
+    TensorSpec("layers.o_bias", _L + "self_attn.o_proj.bias", _ident, _ident, _bias),
+)
+
+# model_type -> (config class, model class, key table). The teacher ports register here.
+ARCHITECTURES: dict[str, tuple[type, type, tuple[TensorSpec, ...]]] = {
+    "qwen3": (Qwen3Config, Qwen3, QWEN3_TABLE),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that does not match the model (names the tensor and file)."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_config(path: str | Path):
+    """The architecture config of an HF folder, dispatched on config.json's model_type."""
+    path = Path(path)
+    f = path / "config.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    if not f.exists():
+        raise FileNotFoundError(f"{f} not found: is {path} a Hugging Face model folder?")
+    d = json.loads(f.read_text())
+    model_type = d.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{f}: unsupported model_type {model_type!r} (architectures "
+            f"{d.get('architectures')}); supported: {sorted(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[model_type][0].from_hf_dict(d, source=str(f))
+
+
+def _tensor_index(path: Path) -> dict[str, Path]:
+    """HF tensor name -> safetensors file that holds it."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: path / fname for name, fname in weight_map.items()}
+        for f in set(files.values()):
+            if not f.exists():
+                raise FileNotFoundError(f"{index} names {f.name}, which does not exist")
+        return files
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    with safe_open(single, framework="numpy") as fh:
+        return {name: single for name in fh.keys()}
+
+
+class _Reader:
+    """Memory-mapped safetensors handles, opened once per file."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+        self._handles: dict[Path, Any] = {}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name)
+
+    def _handle(self, name: str):
+        f = self.files[name]
+        if f not in self._handles:
+            self._handles[f] = safe_open(f, framework="numpy")
+        return self._handles[f]
+
+
+def _get_path(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_value(module, dotted: str, value):
+    *parents, leaf = dotted.split(".")
+    owner = _get_path(module, ".".join(parents)) if parents else module
+    getattr(owner, leaf).set_value(value)
+
+
+def _expected_hf_shape(spec: TensorSpec, our_shape, cfg) -> tuple[int, ...]:
+    layer_shape = our_shape[1:] if spec.per_layer else our_shape
+    dummy = np.empty(layer_shape, np.int8)
+    return spec.to_hf(dummy, cfg).shape
+
+
+def load_hf(
+    path: str | Path,
+    mesh: Mesh,
+    opts: ModelOptions = ModelOptions(),
+):
+    """Build the model of an HF folder with its weights, every array already on `mesh`."""
+    path = Path(path)
+    cfg = read_config(path)
+    _, model_cls, table = ARCHITECTURES[cfg.model_type]
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, opts, rngs=nnx.Rngs(0), mesh=mesh))
+    reader = _Reader(_tensor_index(path))
+    specs = [s for s in table if s.when(cfg)]
+    wanted = {}
+    for spec in specs:
+        var = _get_path(abstract, spec.ours)
+        n = cfg.num_hidden_layers if spec.per_layer else 1
+        names = [spec.hf.format(l=i) for i in range(n)]
+        want = _expected_hf_shape(spec, var.shape, cfg)
+        for name in names:
+            if name not in reader.files:
+                raise CheckpointError(f"{path}: tensor {name} is missing (needed for {spec.ours})")
+            got = reader.shape(name)
+            if got != want:
+                raise CheckpointError(
+                    f"{reader.files[name]}: tensor {name} has shape {got}, "
+                    f"config.json implies {want}"
+                )
+        wanted[spec.ours] = (spec, names, var)
+    expected = {n for _, names, _ in wanted.values() for n in names}
+    if getattr(cfg, "tie_word_embeddings", False):
+        expected.add("lm_head.weight")  # some tied checkpoints still store it; unused
+    unexpected = sorted(set(reader.files) - expected)
+    if unexpected:
+        f = reader.files[unexpected[0]]
+        raise CheckpointError(
+            f"{f}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected in all: "
+            f"{unexpected[:5]}); is config.json right for these weights?"
+        )
+
+    model = abstract
+    for ours, (spec, names, var) in wanted.items():
+        sharding = named_sharding(var.logical_axes, var.shape, mesh)
+        arr = _build_array(
+            spec, names, var.shape, jnp.dtype(opts.param_dtype), sharding, reader, cfg
+        )
+        _set_value(model, ours, arr)
+    return model
+
+
+def _build_array(spec, names, shape, dtype, sharding, reader, cfg) -> jax.Array:
+    """One parameter from its HF tensors; each device gets only its index."""
+    cache: dict[str, np.ndarray] = {}
+
+    def layer(name):  # one transformed HF tensor, kept while this parameter is built
+        if name not in cache:
+            cache[name] = np.ascontiguousarray(spec.to_ours(reader.read(name), cfg))
+        return cache[name]
+
+    def callback(index):
+        if not spec.per_layer:
+            return layer(names[0])[index].astype(dtype)
+        lsl, rest = index[0], index[1:]
+        return np.stack([layer(names[i])[rest] for i in range(len(names))[lsl]]).astype(dtype)
+
+    arr = jax.make_array_from_callback(tuple(shape), sharding, callback)
+    cache.clear()
+    return arr
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _to_host(arr: jax.Array) -> np.ndarray:
+    if getattr(arr, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(arr))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
+
+
+def _np_dtype(name: str):
+    return {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}[name]
+
+
+def save_hf(
+    model,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = 4 * 2**30,
+) -> Path:
+    """Write `model` as an HF folder loadable by transformers (and vLLM).
+
+    Tensors are written in `dtype` (default: the config's dtype). The folder is assembled
+    under a temporary name and renamed into place, so a killed save never leaves a folder
+    that looks complete. In a multi-process run every process must call this (arrays are
+    gathered collectively); only process 0 writes.
+    """
+    cfg = model.cfg
+    out_dir = Path(out_dir)
+    dtype = dtype or cfg.dtype
+    np_dt = _np_dtype(dtype)
+    _, _, table = ARCHITECTURES[cfg.model_type]
+    writer = jax.process_index() == 0
+    tmp = (
+        Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        if writer
+        else None
+    )
+    if writer:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for spec in table:
+        if not spec.when(cfg):
+            continue
+        var = _get_path(model, spec.ours)
+        n = cfg.num_hidden_layers if spec.per_layer else 1
+        for i in range(n):
+            value = var[...][i] if spec.per_layer else var[...]
+            host = _to_host(value)
+            if not writer:
+                continue
+            t = np.ascontiguousarray(spec.to_hf(host, cfg).astype(np_dt))
+            if size and size + t.nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][spec.hf.format(l=i)] = t
+            size += t.nbytes
+    if not writer:
+        return out_dir
+    n = len(shards)
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    if n > 1:
+        total = sum(t.nbytes for s in shards for t in s.values())
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+    hf = cfg.to_hf_dict()
+    hf["dtype"] = dtype
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+    src = Path(tokenizer_dir) if tokenizer_dir else None
+    gen = src / "generation_config.json" if src else None
+    if gen is not None and gen.exists():
+        shutil.copy(gen, tmp / "generation_config.json")
+    else:
+        (tmp / "generation_config.json").write_text(
+            json.dumps(
+                {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, indent=2
+            )
+        )
+    if src is not None:
+        for name in TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copy(src / name, tmp / name)
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir
+
+
+# --------------------------------------------------------------------------- creating
+
+
+def state_shardings(abstract_state, mesh: Mesh):
+    """NamedSharding per variable, from its `logical_axes` metadata."""
+    return jax.tree.map(
+        lambda v: named_sharding(v.logical_axes, v.shape, mesh),
+        abstract_state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def init_model(cfg, mesh: Mesh, opts: ModelOptions = ModelOptions(), seed: int = 0):
+    """A randomly initialised model whose parameters are created already sharded."""
+    model_cls = ARCHITECTURES[cfg.model_type][1]
+    make = lambda: model_cls(cfg, opts, rngs=nnx.Rngs(seed), mesh=mesh)  # noqa: E731
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
+    shardings = state_shardings(abstract_state, mesh)
+    state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
