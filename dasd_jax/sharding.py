@@ -1,6 +1,6 @@
 """The one sharding table: logical axis names -> mesh axes, and the mesh itself.
 
-Consumes a `MeshConfig` (sizes of the `data`, `fsdp`, `tensor` axes) and produces a
+Consumes a `MeshConfig` (sizes of the `data`, `fsdp`, `expert`, `tensor` axes) and produces a
 `jax.sharding.Mesh` plus `NamedSharding`s for parameters and activations.
 
 Every parameter carries a tuple of *logical* axis names as NNX metadata (`logical_axes`);
@@ -26,8 +26,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # activations' batch dim is split over both
+# Mesh axes, outermost first: `tensor` is innermost so it maps to the fastest links.
+# `expert` splits MoE experts; outside the experts it acts as one more data axis.
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # activations' batch dim is split over these
 TENSOR_AXIS = "tensor"
 
 # logical axis -> mesh axes it is split over (None: replicated). Weights first, then
@@ -42,9 +44,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": ("tensor",),
     "norm": None,
-    "experts": None,  # the expert axis arrives with the MoE ports
+    "experts": ("expert",),
     # activations
-    "act_batch": ("data", "fsdp"),
+    "act_batch": ("data", "fsdp", "expert"),
     "act_seq": None,
     "act_embed": None,
     "act_heads": ("tensor",),
@@ -63,14 +65,20 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1
 
 
 def make_mesh(cfg: MeshConfig | Sequence[int] = MeshConfig(), devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all global devices (or `devices`)."""
+    """A (data, fsdp, expert, tensor) mesh over all global devices (or `devices`).
+
+    `cfg` is a MeshConfig or a tuple (data, fsdp, tensor) with expert=1.
+    """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = list((cfg.data, cfg.fsdp, cfg.tensor) if isinstance(cfg, MeshConfig) else cfg)
-    if len(sizes) != 3:
-        raise ValueError(f"mesh needs 3 sizes (data, fsdp, tensor), got {sizes}")
+    if not isinstance(cfg, MeshConfig):
+        if len(cfg) != 3:
+            raise ValueError(f"mesh tuple needs 3 sizes (data, fsdp, tensor), got {cfg}")
+        cfg = MeshConfig(data=cfg[0], fsdp=cfg[1], tensor=cfg[2])
+    sizes = [cfg.data, cfg.fsdp, cfg.expert, cfg.tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
     known = int(np.prod([s for s in sizes if s != -1]))
@@ -85,7 +93,9 @@ def make_mesh(cfg: MeshConfig | Sequence[int] = MeshConfig(), devices=None) -> M
         )
     # Auto axes: activations are steered with with_sharding_constraint and GSPMD
     # propagates the rest (Explicit axes would reject those constraints).
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(
+        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
 
 
 _warned: set[tuple] = set()
@@ -138,5 +148,5 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | Non
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a [batch, ...] input array: batch over (data, fsdp), rest replicated."""
+    """Sharding of a [batch, ...] input array: batch over BATCH_AXES, rest replicated."""
     return named_sharding(("act_batch",) + (None,) * (ndim - 1), None, mesh)

@@ -203,3 +203,29 @@ def test_full_size_parameter_counts_from_eval_shape(name, expected):
     assert n == hf_count == cfg.num_params
     if expected is not None:
         assert n == expected
+
+
+def test_mesh_config_expert_axis_and_bad_sizes():
+    from dasd_jax.sharding import MeshConfig
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, expert=2, tensor=2))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}
+    assert make_mesh(MeshConfig()).shape["data"] == 8  # -1: all remaining devices
+    with pytest.raises(ValueError, match="needs 12 devices"):
+        make_mesh((3, 2, 2))
+    with pytest.raises(ValueError, match="at most one"):
+        make_mesh((-1, -1, 1))
+
+
+def test_splash_backend_in_the_model_equals_xla():
+    """The TPU kernel path (Pallas interpret mode on CPU) inside the full model."""
+    tokens = np.random.RandomState(8).randint(0, 256, (2, 128))
+    seg = np.ones((2, 128), np.int32)
+    seg[1, 100:] = 0  # padding
+    ref = _tiny_model(seed=9)
+    model = _tiny_model(seed=9)
+    model.opts = ModelOptions(dtype="float32", attention="splash")
+    a = np.asarray(ref(jnp.asarray(tokens), None, jnp.asarray(seg))[0])
+    b = np.asarray(model(jnp.asarray(tokens), None, jnp.asarray(seg))[0])
+    np.testing.assert_allclose(b[0], a[0], atol=2e-5)
+    np.testing.assert_allclose(b[1, :100], a[1, :100], atol=2e-5)
