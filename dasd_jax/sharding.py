@@ -86,7 +86,16 @@ def make_mesh(cfg: MeshConfig | Sequence[int] = MeshConfig(), devices=None) -> M
         if len(devices) % known:
             raise ValueError(f"{len(devices)} devices do not divide into mesh {sizes}")
         sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
+    n = int(np.prod(sizes))
+    if n < len(devices) and jax.process_count() == 1:
+        log.warning(
+            "mesh %s uses %d of the %d devices",
+            dict(zip(MESH_AXES, sizes, strict=True)),
+            n,
+            len(devices),
+        )
+        devices = devices[:n]
+    if n != len(devices):
         raise ValueError(
             f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {int(np.prod(sizes))} devices, "
             f"{len(devices)} are present"

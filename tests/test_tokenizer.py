@@ -348,13 +348,13 @@ def test_cache_is_reused(cache_dir, qwen3_dir, gpt_oss_dir, monkeypatch):
 def test_cache_root_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv("DASD_JAX_CACHE", str(tmp_path / "explicit"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert tk._cache_root(tmp_path / "arg") == tmp_path / "arg"
-    assert tk._cache_root(None) == tmp_path / "explicit"
+    assert tk.cache_root(tmp_path / "arg") == tmp_path / "arg"
+    assert tk.cache_root(None) == tmp_path / "explicit"
     monkeypatch.delenv("DASD_JAX_CACHE")
-    assert tk._cache_root(None) == tmp_path / "xdg" / "dasd_jax"
+    assert tk.cache_root(None) == tmp_path / "xdg" / "dasd_jax"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert tk._cache_root(None) == tmp_path / "home" / ".cache" / "dasd_jax"
+    assert tk.cache_root(None) == tmp_path / "home" / ".cache" / "dasd_jax"
 
 
 def test_failed_build_leaves_nothing(tmp_path):

@@ -1,0 +1,204 @@
+"""Typed configuration: frozen dataclasses, YAML files of differences, dotted overrides.
+
+Consumes an optional YAML file (only the keys that differ from the defaults below) and
+`key.sub=value` overrides from the command line; produces one frozen `Config`. Unknown keys
+and ill-typed values are errors that name the key (and the file). Architecture numbers are
+never configured here: they come from each checkpoint's config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dasd_jax.models.qwen3 import ModelOptions
+from dasd_jax.select.das import SelectConfig
+from dasd_jax.select.filters import FilterConfig
+from dasd_jax.sharding import MeshConfig
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where a model's HF folder is, and how to run it."""
+
+    path: str = ""  # Hugging Face folder; "" = the embedded tiny model (CPU demo)
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"  # weights in memory
+    attention: str = "auto"  # auto | xla | cudnn | splash
+    remat: str = "none"  # none | full | dots
+
+    def options(self) -> ModelOptions:
+        return ModelOptions(dtype=self.dtype, param_dtype=self.param_dtype,
+                            attention=self.attention, remat=self.remat)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """The `score` stage: per-token log-probs of responses under the student."""
+
+    input: str = ""  # JSONL of prompt/response rows; "" = the embedded demo rows
+    prompt_field: str = "input"  # released SFT data: uuid, input, output
+    response_field: str = "output"
+    id_field: str = "uuid"
+    system_prompt: str = "You are a helpful assistant."
+    max_tokens: int = 65536  # prompt + response, student tokens; longer rows are rejected
+    batch_tokens: int = 16384  # tokens per forward batch (rows x padded length)
+    bucket_multiple: int = 128  # padded lengths are multiples of this (fewer compiles)
+    chunk_size: int = 1024  # log-prob chunk over the sequence
+    rows_per_shard: int = 256  # output is written in atomic shards of this many rows
+    on_bad_row: str = "error"  # error | skip (skipped rows go to rejects.jsonl)
+
+
+@dataclass(frozen=True)
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}{key}: bad value {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise ConfigError(f"{where}{key}: {value!r} is not one of {choices}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, f"{key}.", where)
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return tuple(_coerce(v, item, key, where) for v in value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, str):
+        try:  # PyYAML reads "1e-5" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # e.g. run_dir=2024 on the command line
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}{key}: expected true/false, got {value!r}")
+    if tp in (int, float, str) and (isinstance(value, bool) or not isinstance(value, tp)):
+        raise ConfigError(f"{where}{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict[str, Any], prefix: str = "", where: str = ""):
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"{where}unknown key {prefix}{unknown[0]!s} (valid under "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(types_))})")
+    kwargs = {k: _coerce(v, types_[k], prefix + k, where) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # a section's own validation (__post_init__)
+        raise ConfigError(f"{where}{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k),
+                                                                        dict) else v
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key")
+    value = yaml.safe_load(raw) if raw != "" else ""
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=Config):
+    """Defaults <- YAML file <- dotted overrides, validated against the dataclasses."""
+    data: dict[str, Any] = {}
+    where = ""
+    if path:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data = loaded
+        where = f"{path}: "
+    cfg = _build(cls, data, "", where)
+    over: dict[str, Any] = {}
+    for item in overrides:
+        over = _merge(over, parse_override(item))
+    if over:
+        merged = _merge(to_dict(cfg), over)
+        cfg = _build(cls, merged, "", "command line: " if not where else where)
+    return cfg
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), e.g. for manifests and YAML dumps."""
+
+    def conv(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, tuple | list):
+            return [conv(v) for v in x]
+        return x
+
+    return conv(cfg)
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
