@@ -11,10 +11,26 @@ most one parameter's layers at a time, never a full copy per device. `TENSOR_TAB
 declarative map between HF names/layouts and ours; every tensor's shape is checked against the
 model before any device transfer, and a missing, unexpected or mis-shaped tensor fails with
 the tensor's name and file.
+
+Stacking: an HF name with `{l}` is one tensor per layer, stacked on our leading L dim; with
+`{l}` and `{e}` (Qwen3-MoE's per-expert tensors) one per layer and expert, stacked on [L, E].
+Each host reads every tensor it needs once and keeps only its devices' slices of it, so host
+memory stays near its share of the parameter plus one HF tensor.
+
+Quantised tensors: where a folder has `X_blocks` + `X_scales` (MXFP4, gpt-oss's experts) instead
+of `X`, the reader also presents a tensor `X` decoded to the parameter dtype (exact: every
+MXFP4 value is representable in bf16), in transformers' dequantised layout. A table entry
+applies when the model has that parameter, so a model holding decoded experts reads `X` and
+one holding them packed (`MoeOptions(expert_weights="mxfp4")`) reads the pair as stored.
+Saving writes what the model holds: plain tensors, or the packed pair plus the
+quantization_config.
+
+`ARCHITECTURES` registers each model_type's config class, model class and key table.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -33,7 +49,10 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from dasd_jax.models import mxfp4
+from dasd_jax.models.gpt_oss import GptOss, GptOssConfig
 from dasd_jax.models.qwen3 import ModelOptions, Qwen3, Qwen3Config
+from dasd_jax.models.qwen3_moe import Qwen3Moe, Qwen3MoeConfig
 from dasd_jax.sharding import named_sharding
 
 TOKENIZER_FILES = (
@@ -54,8 +73,10 @@ TOKENIZER_FILES = (
 class TensorSpec:
     """One HF tensor family <-> one of our parameters.
 
-    `hf` may contain `{l}` (one tensor per layer, stacked on our leading L dim).
-    `to_ours(w, cfg)` maps an HF array (one layer) to our layout; `to_hf` is its inverse.
+    `hf` may contain `{l}` (one tensor per layer, stacked on our leading L dim) and then `{e}`
+    (one per layer and expert, stacked on our leading [L, E] dims).
+    `to_ours(w, cfg)` maps one HF array to our layout (of one layer, one expert); `to_hf` is
+    its inverse.
     """
 
     ours: str
@@ -67,6 +88,20 @@ class TensorSpec:
     @property
     def per_layer(self) -> bool:
         return "{l}" in self.hf
+
+    @property
+    def stacked(self) -> tuple[str, ...]:
+        """The placeholders, i.e. our leading stacked dims, in order: (), ("l",), ("l", "e")."""
+        if "{e}" in self.hf and not self.per_layer:
+            raise ValueError(f"{self.hf}: an expert index needs a layer index too")
+        return tuple(p for p in ("l", "e") if "{" + p + "}" in self.hf)
+
+    def names(self, stack_shape: tuple[int, ...]) -> dict[tuple[int, ...], str]:
+        """HF name of every stacked index, e.g. {(0, 3): "model.layers.0....experts.3..."}."""
+        return {
+            idx: self.hf.format(**dict(zip(self.stacked, idx, strict=True)))
+            for idx in itertools.product(*(range(n) for n in stack_shape))
+        }
 
 
 def _ident(w, c):
@@ -150,9 +185,65 @@ QWEN3_TABLE: tuple[TensorSpec, ...] = (
     TensorSpec("layers.o_bias", _L + "self_attn.o_proj.bias", _ident, _ident, _bias),
 )
 
-# model_type -> (config class, model class, key table). The teacher ports register here.
+_QWEN3_MLP = ("layers.gate_proj", "layers.up_proj", "layers.down_proj")
+_E = _L + "mlp.experts.{e}."
+QWEN3_MOE_TABLE: tuple[TensorSpec, ...] = tuple(
+    s for s in QWEN3_TABLE if s.ours not in _QWEN3_MLP
+) + (
+    TensorSpec("layers.router", _L + "mlp.gate.weight", _t, _t),
+    TensorSpec("layers.gate_proj", _E + "gate_proj.weight", _t, _t),
+    TensorSpec("layers.up_proj", _E + "up_proj.weight", _t, _t),
+    TensorSpec("layers.down_proj", _E + "down_proj.weight", _t, _t),
+)
+
+
+def _pairs_in(w, c):  # HF interleaved gate/up [..., 2F] -> ours [..., F, 2]
+    return w.reshape(*w.shape[:-1], -1, 2)
+
+
+def _pairs_out(w, c):
+    return w.reshape(*w.shape[:-2], -1)
+
+
+_X = _L + "mlp.experts."
+GPT_OSS_TABLE: tuple[TensorSpec, ...] = tuple(
+    s for s in QWEN3_TABLE if s.ours not in _QWEN3_MLP + ("layers.q_norm", "layers.k_norm")
+) + (
+    TensorSpec("layers.sinks", _L + "self_attn.sinks", _ident, _ident),
+    TensorSpec("layers.router", _L + "mlp.router.weight", _t, _t),
+    TensorSpec("layers.router_bias", _L + "mlp.router.bias", _ident, _ident),
+    # [E, D, 2F] (MXFP4 folders: decoded from gate_up_proj_blocks/_scales by the reader)
+    TensorSpec("layers.gate_up_proj", _X + "gate_up_proj", _pairs_in, _pairs_out),
+    TensorSpec("layers.gate_up_proj_bias", _X + "gate_up_proj_bias", _pairs_in, _pairs_out),
+    TensorSpec("layers.down_proj", _X + "down_proj", _ident, _ident),  # [E, F, D]
+    TensorSpec("layers.down_proj_bias", _X + "down_proj_bias", _ident, _ident),
+    # expert weights held as MXFP4 (MoeOptions(expert_weights="mxfp4")): copied as stored
+    TensorSpec("layers.gate_up_proj_blocks", _X + "gate_up_proj_blocks", _ident, _ident),
+    TensorSpec("layers.gate_up_proj_scales", _X + "gate_up_proj_scales", _ident, _ident),
+    TensorSpec("layers.down_proj_blocks", _X + "down_proj_blocks", _ident, _ident),
+    TensorSpec("layers.down_proj_scales", _X + "down_proj_scales", _ident, _ident),
+)
+MXFP4_QUANTIZATION_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+}
+
+# model_type -> (config class, model class, key table).
 ARCHITECTURES: dict[str, tuple[type, type, tuple[TensorSpec, ...]]] = {
     "qwen3": (Qwen3Config, Qwen3, QWEN3_TABLE),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3Moe, QWEN3_MOE_TABLE),
+    "gpt_oss": (GptOssConfig, GptOss, GPT_OSS_TABLE),
+}
+# config.json `architectures` entry -> model_type, for folders without a model_type
+ARCHITECTURE_NAMES: dict[str, str] = {
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 
 
@@ -173,10 +264,17 @@ def read_config(path: str | Path):
         raise FileNotFoundError(f"{f} not found: is {path} a Hugging Face model folder?")
     d = json.loads(f.read_text())
     model_type = d.get("model_type")
+    if model_type is None:
+        known = [
+            ARCHITECTURE_NAMES[a] for a in d.get("architectures") or () if a in ARCHITECTURE_NAMES
+        ]
+        model_type = known[0] if known else None
+        d = {**d, "model_type": model_type}
     if model_type not in ARCHITECTURES:
         raise CheckpointError(
-            f"{f}: unsupported model_type {model_type!r} (architectures "
-            f"{d.get('architectures')}); supported: {sorted(ARCHITECTURES)}"
+            f"{f}: unsupported model_type {d.get('model_type')!r} (architectures "
+            f"{d.get('architectures')}); supported: {sorted(ARCHITECTURES)} "
+            f"({', '.join(sorted(ARCHITECTURE_NAMES))})"
         )
     return ARCHITECTURES[model_type][0].from_hf_dict(d, source=str(f))
 
@@ -199,23 +297,56 @@ def _tensor_index(path: Path) -> dict[str, Path]:
 
 
 class _Reader:
-    """Memory-mapped safetensors handles, opened once per file."""
+    """Memory-mapped safetensors handles, opened once per file.
+
+    `files` maps every tensor name the folder offers to the file that holds it, including
+    virtual MXFP4 tensors: `X` (decoded) for a pair `X_blocks` + `X_scales`. A model holding
+    decoded experts reads `X`, one holding MXFP4 reads the pair as stored.
+    """
 
     def __init__(self, files: dict[str, Path]):
-        self.files = files
+        self.stored = files
         self._handles: dict[Path, Any] = {}
+        self._mxfp4: dict[str, tuple[str, str]] = {}
+        for name in files:
+            base = name.removesuffix("_blocks")
+            if base != name and base + "_scales" in files and base not in files:
+                self._mxfp4[base] = (name, base + "_scales")
+        self.files = dict(files)
+        self.files.update({base: files[blocks] for base, (blocks, _) in self._mxfp4.items()})
+
+    def covers(self, name: str) -> tuple[str, ...]:
+        """The stored tensors that reading `name` consumes."""
+        return self._mxfp4.get(name, (name,))
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        if name in self._mxfp4:
+            return mxfp4.hf_layout_shape(self._shape(self._mxfp4[name][0]))
+        return self._shape(name)
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, dtype=None) -> np.ndarray:
+        """The tensor; MXFP4 ones decoded straight into `dtype` (default float32)."""
+        if name in self._mxfp4:
+            blocks, scales = (self._handle(n).get_tensor(n) for n in self._mxfp4[name])
+            return mxfp4.hf_layout_dequantize(blocks, scales, dtype or np.float32)
         return self._handle(name).get_tensor(name)
 
+    def _shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
     def _handle(self, name: str):
-        f = self.files[name]
+        f = self.stored[name]
         if f not in self._handles:
             self._handles[f] = safe_open(f, framework="numpy")
         return self._handles[f]
+
+
+def _has_path(obj, dotted: str) -> bool:
+    try:
+        _get_path(obj, dotted)
+    except AttributeError:
+        return False
+    return True
 
 
 def _get_path(obj, dotted: str):
@@ -231,8 +362,7 @@ def _set_value(module, dotted: str, value):
 
 
 def _expected_hf_shape(spec: TensorSpec, our_shape, cfg) -> tuple[int, ...]:
-    layer_shape = our_shape[1:] if spec.per_layer else our_shape
-    dummy = np.empty(layer_shape, np.int8)
+    dummy = np.empty(our_shape[len(spec.stacked) :], np.int8)
     return spec.to_hf(dummy, cfg).shape
 
 
@@ -247,14 +377,13 @@ def load_hf(
     _, model_cls, table = ARCHITECTURES[cfg.model_type]
     abstract = nnx.eval_shape(lambda: model_cls(cfg, opts, rngs=nnx.Rngs(0), mesh=mesh))
     reader = _Reader(_tensor_index(path))
-    specs = [s for s in table if s.when(cfg)]
+    specs = [s for s in table if s.when(cfg) and _has_path(abstract, s.ours)]
     wanted = {}
     for spec in specs:
         var = _get_path(abstract, spec.ours)
-        n = cfg.num_hidden_layers if spec.per_layer else 1
-        names = [spec.hf.format(l=i) for i in range(n)]
+        names = spec.names(tuple(var.shape[: len(spec.stacked)]))
         want = _expected_hf_shape(spec, var.shape, cfg)
-        for name in names:
+        for name in names.values():
             if name not in reader.files:
                 raise CheckpointError(f"{path}: tensor {name} is missing (needed for {spec.ours})")
             got = reader.shape(name)
@@ -264,10 +393,15 @@ def load_hf(
                     f"config.json implies {want}"
                 )
         wanted[spec.ours] = (spec, names, var)
-    expected = {n for _, names, _ in wanted.values() for n in names}
+    expected = {
+        stored
+        for _, names, _ in wanted.values()
+        for n in names.values()
+        for stored in reader.covers(n)
+    }
     if getattr(cfg, "tie_word_embeddings", False):
         expected.add("lm_head.weight")  # some tied checkpoints still store it; unused
-    unexpected = sorted(set(reader.files) - expected)
+    unexpected = sorted(set(reader.stored) - expected)
     if unexpected:
         f = reader.files[unexpected[0]]
         raise CheckpointError(
@@ -278,31 +412,43 @@ def load_hf(
     model = abstract
     for ours, (spec, names, var) in wanted.items():
         sharding = named_sharding(var.logical_axes, var.shape, mesh)
-        arr = _build_array(
-            spec, names, var.shape, jnp.dtype(opts.param_dtype), sharding, reader, cfg
-        )
+        # packed (integer) parameters keep their dtype; float ones take param_dtype
+        dtype = var.dtype if jnp.issubdtype(var.dtype, jnp.integer) else opts.param_dtype
+        arr = _build_array(spec, names, var.shape, jnp.dtype(dtype), sharding, reader, cfg)
         _set_value(model, ours, arr)
     return model
 
 
 def _build_array(spec, names, shape, dtype, sharding, reader, cfg) -> jax.Array:
-    """One parameter from its HF tensors; each device gets only its index."""
-    cache: dict[str, np.ndarray] = {}
+    """One parameter from its HF tensors; each device gets only its index.
 
-    def layer(name):  # one transformed HF tensor, kept while this parameter is built
-        if name not in cache:
-            cache[name] = np.ascontiguousarray(spec.to_ours(reader.read(name), cfg))
-        return cache[name]
-
-    def callback(index):
-        if not spec.per_layer:
-            return layer(names[0])[index].astype(dtype)
-        lsl, rest = index[0], index[1:]
-        return np.stack([layer(names[i])[rest] for i in range(len(names))[lsl]]).astype(dtype)
-
-    arr = jax.make_array_from_callback(tuple(shape), sharding, callback)
-    cache.clear()
-    return arr
+    Every HF tensor is read (and decoded) once; only the slices this host's devices hold are
+    kept, so a stacked [L, E, ...] parameter never needs a full host copy.
+    """
+    shape = tuple(shape)
+    n_stack = len(spec.stacked)
+    np_dtype = np.dtype(dtype)
+    index_map = sharding.addressable_devices_indices_map(shape)
+    key = lambda index: tuple(sl.indices(n) for sl, n in zip(index, shape, strict=True))  # noqa: E731
+    pieces: dict[tuple, tuple[tuple[range, ...], tuple[slice, ...], np.ndarray]] = {}
+    for index in index_map.values():
+        k = key(index)
+        if k not in pieces:
+            ranges = tuple(range(*k[d]) for d in range(n_stack))
+            local = tuple(len(r) for r in ranges) + tuple(len(range(*t)) for t in k[n_stack:])
+            pieces[k] = (ranges, tuple(index[n_stack:]), np.empty(local, np_dtype))
+    for idx, name in names.items():
+        holders = [
+            p for p in pieces.values() if all(i in r for i, r in zip(idx, p[0], strict=True))
+        ]
+        if not holders:
+            continue
+        t = spec.to_ours(reader.read(name, np_dtype), cfg)
+        for ranges, rest, buf in holders:
+            at = tuple(r.index(i) for i, r in zip(idx, ranges, strict=True))
+            buf[at] = t[rest]
+        del t
+    return jax.make_array_from_callback(shape, sharding, lambda index: pieces[key(index)][2])
 
 
 # --------------------------------------------------------------------------- writing
@@ -351,21 +497,29 @@ def save_hf(
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for spec in table:
-        if not spec.when(cfg):
+        if not spec.when(cfg) or not _has_path(model, spec.ours):
             continue
         var = _get_path(model, spec.ours)
-        n = cfg.num_hidden_layers if spec.per_layer else 1
-        for i in range(n):
-            value = var[...][i] if spec.per_layer else var[...]
-            host = _to_host(value)
+        names = spec.names(tuple(var.shape[: len(spec.stacked)]))
+        # gather one layer at a time (all its experts at once), never the whole parameter
+        n_layers = var.shape[0] if spec.stacked else 1
+        for i in range(n_layers):
+            host = _to_host(var[...][i] if spec.stacked else var[...])
             if not writer:
                 continue
-            t = np.ascontiguousarray(spec.to_hf(host, cfg).astype(np_dt))
-            if size and size + t.nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][spec.hf.format(l=i)] = t
-            size += t.nbytes
+            for idx, name in names.items():
+                if spec.stacked and idx[0] != i:
+                    continue
+                value = host[idx[1:]] if spec.stacked else host
+                t = spec.to_hf(value, cfg)
+                t = np.ascontiguousarray(
+                    t if np.issubdtype(t.dtype, np.integer) else t.astype(np_dt)
+                )
+                if size and size + t.nbytes > max_shard_bytes:
+                    shards.append({})
+                    size = 0
+                shards[-1][name] = t
+                size += t.nbytes
     if not writer:
         return out_dir
     n = len(shards)
@@ -381,6 +535,10 @@ def save_hf(
         )
     hf = cfg.to_hf_dict()
     hf["dtype"] = dtype
+    if any(name.endswith("_blocks") for name in weight_map):  # experts written as MXFP4
+        hf["quantization_config"] = cfg.extra.get("quantization_config") or dict(
+            MXFP4_QUANTIZATION_CONFIG
+        )
     (tmp / "config.json").write_text(json.dumps(hf, indent=2))
     src = Path(tokenizer_dir) if tokenizer_dir else None
     gen = src / "generation_config.json" if src else None

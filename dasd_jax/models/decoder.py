@@ -1,0 +1,114 @@
+"""The decoder skeleton the MoE ports share: inputs and KV-cache bookkeeping, the layer scan.
+
+Consumes token ids with optional positions, segment ids and a `qwen3.KVCache`; produces the
+per-call attention inputs (`Inputs`), cache writes, and runs a per-layer function over stacked
+weights with `jax.lax.scan` (optionally rematerialised). The semantics are those of
+`qwen3.Qwen3.hidden_states`, so every model behaves the same way with a cache: a row holds one
+sequence, the token at position p lives in slot p, tokens with segment id 0 are not written,
+and a query attends to the filled slots at positions <= its own.
+
+Shape letters as in qwen3.py (B batch, T query length, S cache slots, K kv heads, H head dim).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dasd_jax.models.qwen3 import REMAT_POLICIES, KVCache
+from dasd_jax.sharding import constrain
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What attention needs for one call (arrays traced inside the model's jit)."""
+
+    positions_BT: jax.Array
+    q_segment_ids_BT: jax.Array
+    kv_positions_BS: jax.Array
+    kv_segment_ids_BS: jax.Array
+    slots_BT: jax.Array | None  # cache slot of each token (S = not written); None: no cache
+    new_lengths_B: jax.Array | None
+
+
+def prepare_inputs(
+    tokens_BT: jax.Array,
+    positions_BT: jax.Array | None,
+    segment_ids_BT: jax.Array | None,
+    cache: KVCache | None,
+) -> Inputs:
+    """Defaults (positions 0..T-1 after the cache's length, one segment) and cache masks."""
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+        start = 0 if cache is None else cache.lengths_B[:, None]
+        positions_BT = start + jnp.arange(T, dtype=jnp.int32)[None, :]
+    if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones((B, T), jnp.int32)
+    positions_BT = jnp.broadcast_to(positions_BT.astype(jnp.int32), (B, T))
+    segment_ids_BT = segment_ids_BT.astype(jnp.int32)
+    if cache is None:
+        return Inputs(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, None, None)
+    S = cache.max_length
+    valid_BT = segment_ids_BT != 0
+    # slot S is out of range: the scatter with mode="drop" skips padding tokens
+    slots_BT = jnp.where(valid_BT, positions_BT, S)
+    written_B = jnp.max(jnp.where(valid_BT, positions_BT + 1, 0), axis=1)
+    new_lengths_B = jnp.maximum(cache.lengths_B, written_B)
+    kv_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None], (B, S))
+    kv_seg_BS = (kv_pos_BS < new_lengths_B[:, None]).astype(jnp.int32)
+    return Inputs(
+        positions_BT, valid_BT.astype(jnp.int32), kv_pos_BS, kv_seg_BS, slots_BT, new_lengths_B
+    )
+
+
+def update_kv(kv, k_BTKH, v_BTKH, inputs: Inputs, dtype):
+    """(keys, values to attend to, new per-layer cache); without a cache, this call's k/v."""
+    if kv is None:
+        return k_BTKH, v_BTKH, None
+    b_idx = jnp.arange(k_BTKH.shape[0])[:, None]
+    slots = inputs.slots_BT
+    k_all = kv[0].at[b_idx, slots].set(k_BTKH.astype(kv[0].dtype), mode="drop")
+    v_all = kv[1].at[b_idx, slots].set(v_BTKH.astype(kv[1].dtype), mode="drop")
+    return k_all.astype(dtype), v_all.astype(dtype), (k_all, v_all)
+
+
+def stacked_weights(layers: nnx.Module) -> dict[str, jax.Array]:
+    """Every nnx.Param of a stacked-layers module, by name ([L, ...] arrays)."""
+    return {
+        name: getattr(layers, name)[...]
+        for name in vars(layers)
+        if isinstance(getattr(layers, name), nnx.Param)
+    }
+
+
+def init_cache(
+    num_layers: int, batch: int, max_length: int, kv_heads: int, head_dim: int, dtype, mesh
+) -> KVCache:
+    k = jnp.zeros((num_layers, batch, max_length, kv_heads, head_dim), dtype)
+    k = constrain(k, ("layers", "act_batch", "cache_seq", "act_kv_heads", "act_head_dim"), mesh)
+    return KVCache(k, k, jnp.zeros((batch,), jnp.int32))
+
+
+def scan_layers(
+    layer: Callable[[jax.Array, Any], tuple[jax.Array, Any]],
+    x_BTD: jax.Array,
+    xs: Any,
+    remat: str,
+) -> tuple[jax.Array, Any]:
+    """`jax.lax.scan` of `layer(x, xs_l) -> (x, ys_l)` over the leading L dim of `xs`."""
+    if remat != "none":
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {remat!r}: use one of none, {', '.join(REMAT_POLICIES)}")
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
+    return jax.lax.scan(layer, x_BTD, xs)
+
+
+def finish_cache(cache: KVCache | None, new_kv, inputs: Inputs) -> KVCache | None:
+    if cache is None:
+        return None
+    return KVCache(new_kv[0], new_kv[1], inputs.new_lengths_B)
