@@ -1,0 +1,331 @@
+"""The sample stage's files, for any backend: prompts in, journaled Candidate shards out.
+
+Consumes the prompts JSONL (streamed) and a backend with `prepare(prompt) -> (payload,
+reason)`, `stream(jobs, progress) -> (job, index, Candidate | reject reason)` and
+`occupancy()` (`stage.TeacherSampler` for our engine, `openai_client.OpenAIBackend` for a
+server); produces under `<run_dir>/sample/t<T>/` the part, stats and rejects files of each
+shard, plus `summary.json` and `metrics.jsonl` (layout and resume rules: stage.py and
+docs/sample.md).
+
+A finished prompt (all its candidates, or its reject) is appended to the shard's journal with
+fsync; a shard's files are written atomically when its last prompt is in, the part file last,
+then the journal is removed. Candidate seeds and prompt ids are functions of the data only
+(`candidate_seed`, `prompt_id_of`), so a restart reproduces what a kill interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from dasd_jax.config import Config
+from dasd_jax.progress import Progress
+from dasd_jax.records import BadRow, atomic_write, iter_jsonl, shard_name, write_json
+from dasd_jax.sample.sampling import MAX_SEED
+from dasd_jax.schema import Candidate
+
+
+def candidate_seed(seed: int, prompt_id: str, temperature: float, index: int) -> int:
+    """The seed of one candidate: a hash of what identifies it, never of run order."""
+    key = f"{seed}\x00{prompt_id}\x00{float(temperature)!r}\x00{index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % MAX_SEED
+
+
+def prompt_id_of(row: dict, id_field: str, prompt: str) -> str:
+    if row.get(id_field) is not None:
+        return str(row[id_field])
+    from dasd_jax.ingest import prompt_hash  # the score stage groups id-less rows this way
+
+    return prompt_hash(prompt)
+
+
+@dataclass
+class Job:
+    """One prompt at one temperature: `len(seeds)` candidates, one per seed."""
+
+    key: tuple  # (temperature, shard, line)
+    prompt_id: str
+    prompt: str
+    payload: Any  # what the backend sends: token ids (engine), a prompt or messages (openai)
+    temperature: float
+    seeds: list[int]
+
+
+@dataclass
+class _Shard:
+    """One output shard of one temperature: its prompts, their candidates, its rejects."""
+
+    temperature: float
+    index: int
+    folder: Path
+    rows: dict[int, dict] = field(default_factory=dict)  # line -> {prompt_id, prompt, ...}
+    pending: dict[int, dict[int, Candidate]] = field(default_factory=dict)  # line -> cands
+    rejects: list[dict] = field(default_factory=list)
+    remaining: int = 0
+    resumed: int = 0
+
+    @property
+    def part(self) -> Path:
+        return self.folder / shard_name(self.index)
+
+    @property
+    def journal(self) -> Path:
+        return self.folder / shard_name(self.index).replace(".jsonl", ".journal")
+
+
+def _read_journal(path: Path) -> dict[int, dict]:
+    """Finished prompts of a shard (line -> {"line", "candidates", optional "reject"}). A torn
+    last line (a kill while appending) is dropped and the journal rewritten without it, so
+    appends stay parseable."""
+    if not path.exists():
+        return {}
+    done, good, torn = {}, [], False
+    for raw in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            obj = json.loads(raw)
+            if not raw.endswith("\n"):
+                raise ValueError("no newline")
+        except ValueError:
+            torn = True
+            continue
+        done[int(obj["line"])] = obj
+        good.append(raw)
+    if torn:
+        with atomic_write(path) as f:
+            f.writelines(good)
+    return done
+
+
+def _append_journal(
+    path: Path, line: int, cands: list[Candidate], reject: dict | None = None
+) -> None:
+    rec = {"line": line, "candidates": [c.to_dict() for c in cands]}
+    if reject is not None:  # the backend refused the prompt (e.g. the server said 400)
+        rec["reject"] = reject
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _finalize(shard: _Shard) -> dict:
+    """Rejects and stats first, the part file last (it marks the shard done)."""
+    journal = _read_journal(shard.journal)
+    rejects = shard.rejects + [e["reject"] for e in journal.values() if "reject" in e]
+    done = {line: e["candidates"] for line, e in journal.items() if "reject" not in e}
+    cands = [Candidate.from_dict(c) for line in sorted(done) for c in done[line]]
+    cands.sort(key=lambda c: (c.meta["line"], c.candidate))
+    with atomic_write(shard.folder / f"rejects.{shard_name(shard.index)}") as f:
+        for r in sorted(rejects, key=lambda r: r["line"]):
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    finish: dict[str, int] = {}
+    for c in cands:
+        finish[c.finish_reason] = finish.get(c.finish_reason, 0) + 1
+    stats = {
+        "shard": shard.index,
+        "temperature": shard.temperature,
+        "prompts_in": len(done) + len(rejects),
+        "prompts_out": len(done),
+        "rejects": len(rejects),
+        "candidates": len(cands),
+        "tokens": sum(len(c.teacher.token_ids) for c in cands),
+        "finish_reasons": finish,
+        "resumed_prompts": shard.resumed,
+    }
+    write_json(shard.folder / shard_name(shard.index).replace(".jsonl", ".stats.json"), stats)
+    with atomic_write(shard.part) as f:
+        for c in cands:
+            f.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
+    shard.journal.unlink(missing_ok=True)
+    return stats
+
+
+def _prompt_shards(path: Path, size: int) -> Iterator[tuple[int, list, list]]:
+    """(shard index, [(line, row)], [(line, reason)] of malformed lines) by streaming; a
+    malformed line belongs to the shard being filled (the caller raises or rejects)."""
+    shard, rows, bad = 0, [], []
+
+    def rejected(err: BadRow, raw: str) -> None:
+        bad.append((err.line, err.reason))
+
+    for line, row in iter_jsonl(path, on_bad="skip", rejected=rejected):
+        rows.append((line, row))
+        if len(rows) == size:
+            yield shard, rows, bad
+            shard, rows, bad = shard + 1, [], []
+    if rows or bad:
+        yield shard, rows, bad
+
+
+def run_shards(cfg: Config, backend, data_path: Path, teacher_name: str) -> dict:
+    """The stage's files around any backend with `prepare(prompt)` and `stream(jobs)`.
+
+    Streams the prompts shard by shard (this process's shards), skips done shards and
+    journaled prompts, feeds every other prompt at every temperature to the backend as one
+    stream of `Job`s, journals each prompt when its n candidates are in, and finalizes a shard
+    when its last prompt is.
+    """
+    sc = cfg.sample
+    out_root = Path(cfg.run_dir) / "sample"
+    out_root.mkdir(parents=True, exist_ok=True)
+    n_proc, proc = jax.process_count(), jax.process_index()
+    n_lines = sum(1 for line in data_path.open("rb") if line.strip())
+    progress = Progress(
+        "sample",
+        n_lines * sc.n * len(sc.temperatures),
+        out_root / "metrics.jsonl",
+        every_s=sc.progress_every_s,
+    )
+    t0 = time.perf_counter()
+    finished: list[dict] = []
+    skipped = [0]
+    open_shards: dict[tuple[float, int], _Shard] = {}
+
+    def jobs() -> Iterator[Job]:
+        for T in sc.temperatures:
+            folder = out_root / f"t{T:g}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index, rows, bad in _prompt_shards(data_path, sc.prompts_per_shard):
+                if index % n_proc != proc:
+                    continue
+                shard = _Shard(T, index, folder)
+                if shard.part.exists():
+                    skipped[0] += 1
+                    progress.update(len(rows) * sc.n)
+                    continue
+                shard.rejects = [{"line": ln, "id": None, "reason": r} for ln, r in bad]
+                done = _read_journal(shard.journal)
+                shard.resumed = len(done)
+                todo = []
+                for line, row in rows:
+                    prompt = row.get(sc.prompt_field)
+                    payload = None
+                    if sc.prompt_field not in row:
+                        reason = f"missing field {sc.prompt_field!r} (has {sorted(row)})"
+                    else:
+                        payload, reason = backend.prepare(prompt)
+                    pid = prompt_id_of(row, sc.id_field, prompt if isinstance(prompt, str) else "")
+                    if reason:
+                        shard.rejects.append({"line": line, "id": pid, "reason": reason})
+                    elif line in done:
+                        progress.update(sc.n)
+                    else:
+                        shard.rows[line] = {
+                            "prompt_id": pid,
+                            "prompt": prompt,
+                            "domain": row.get(sc.domain_field),
+                            "answer": row.get(sc.answer_field) if sc.answer_field else None,
+                        }
+                        todo.append((line, payload))
+                if shard.rejects and sc.on_bad_row == "error":  # the first bad line, in order
+                    first = min(shard.rejects, key=lambda r: r["line"])
+                    raise BadRow(data_path, first["line"], first["reason"])
+                shard.remaining = len(todo)
+                if not todo:
+                    finished.append(_finalize(shard))
+                    continue
+                open_shards[(T, index)] = shard
+                for line, payload in todo:
+                    pid = shard.rows[line]["prompt_id"]
+                    seeds = [candidate_seed(cfg.seed, pid, T, i) for i in range(sc.n)]
+                    yield Job((T, index, line), pid, shard.rows[line]["prompt"], payload, T, seeds)
+
+    for job, index, got in backend.stream(jobs(), progress):
+        T, shard_index, line = job.key
+        shard = open_shards[(T, shard_index)]
+        row = shard.rows[line]
+        results = shard.pending.setdefault(line, {})
+        if isinstance(got, Candidate):
+            got.domain = row["domain"] if isinstance(row["domain"], str) else None
+            got.reference_answer = row["answer"] if isinstance(row["answer"], str) else None
+        results[index] = got
+        if len(results) < sc.n:
+            continue
+        reasons = [r for r in results.values() if isinstance(r, str)]
+        if reasons:
+            _append_journal(
+                shard.journal,
+                line,
+                [],
+                {"line": line, "id": row["prompt_id"], "reason": reasons[0]},
+            )
+        else:
+            _append_journal(shard.journal, line, [results[i] for i in range(sc.n)])
+        del shard.pending[line]
+        shard.remaining -= 1
+        if shard.remaining == 0:
+            finished.append(_finalize(shard))
+            del open_shards[(T, shard_index)]
+    occupancy = backend.occupancy()
+    progress.report(**({} if occupancy is None else {"occupancy": occupancy}))
+    summary = summarize(out_root)
+    seconds = time.perf_counter() - t0
+    summary.update(
+        seconds=round(seconds, 2),
+        shards_written=len(finished),
+        skipped_shards=skipped[0],
+        teacher=teacher_name,
+        input=str(data_path),
+        backend=backend.name,
+        tokens_per_s=round(sum(s["tokens"] for s in finished) / max(seconds, 1e-9), 1),
+    )
+    if occupancy is not None:
+        summary["slot_occupancy"] = occupancy
+    if proc == 0:
+        write_json(out_root / "summary.json", summary)
+        print_table(out_root)
+    return summary
+
+
+def summarize(out_root: Path) -> dict:
+    """Totals over every finished shard of every temperature."""
+    totals: dict[str, Any] = {
+        "shards": 0,
+        "prompts_in": 0,
+        "prompts_out": 0,
+        "rejects": 0,
+        "candidates": 0,
+        "tokens": 0,
+        "finish_reasons": {},
+    }
+    per_t: dict[str, int] = {}
+    for f in sorted(out_root.glob("t*/part-*.stats.json")):
+        if not f.with_name(f.name.replace(".stats.json", ".jsonl")).exists():
+            continue
+        s = json.loads(f.read_text())
+        totals["shards"] += 1
+        for k in ("prompts_in", "prompts_out", "rejects", "candidates", "tokens"):
+            totals[k] += s[k]
+        for k, v in s["finish_reasons"].items():
+            totals["finish_reasons"][k] = totals["finish_reasons"].get(k, 0) + v
+        per_t[f.parent.name] = per_t.get(f.parent.name, 0) + s["candidates"]
+    totals["candidates_per_temperature"] = per_t
+    return totals
+
+
+def print_table(out_root: Path, limit: int = 8) -> None:
+    """A few candidates, for a human reading the run's output."""
+    print(f"{'T':>4} {'prompt':<12}{'cand':>5}{'tokens':>8} {'finish':<7}{'mean lp':>9}  text")
+    shown = 0
+    for f in sorted(out_root.glob("t*/part-*.jsonl")):
+        for raw in f.open(encoding="utf-8"):
+            c = json.loads(raw)
+            lp = c["teacher"]["logprobs"]
+            mean = f"{np.mean(lp):.2f}" if lp else "-"
+            text = c["response"][:40].replace("\n", "\\n")
+            print(
+                f"{c['temperature']:>4g} {c['prompt_id'][:11]:<12}{c['candidate']:>5}"
+                f"{len(lp):>8} {c['finish_reason']:<7}{mean:>9}  {text!r}"
+            )
+            shown += 1
+            if shown >= limit:
+                return
