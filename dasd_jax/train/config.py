@@ -1,0 +1,124 @@
+"""What the SFT stages are told: `TrainConfig` (shared by stages 1-3) and `StageConfig`.
+
+Consumed by `dasd_jax.config.Config` (fields `train`, `stage1`, `stage2`, `stage3`); produces
+nothing else. Defaults reproduce the paper's released LLaMA-Factory recipe at full scale
+(PAPER.md): LR 5e-5, 10% warmup, cosine to a 1e-5 floor, AdamW (0.9, 0.95), eps 1e-8, weight
+decay 0.1, clip 1.0, global batch 64 packed rows of 64K tokens, 6 epochs per stage, system
+prompt "You are a helpful assistant.". Stage 3's single epoch is the paper's ablation setting.
+
+Paths may contain `{run_dir}`; source paths are globs of ArrayRecord files of `SFTRecord`s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One named data source of a stage: SFTRecord files and its mixing weight."""
+
+    path: str = ""  # glob (or comma-separated globs) of .array_record files; {run_dir} expands
+    weight: float = 1.0  # share of *records* drawn from this source; 0 leaves it out
+    max_records: int = 0  # > 0: a seeded subset of this many records (e.g. a 20K replay)
+
+    def __post_init__(self):
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if self.max_records < 0:
+            raise ValueError(f"max_records must be >= 0, got {self.max_records}")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """What differs between stages: data, where the weights come from, length, LR."""
+
+    # name -> source. YAML files and command-line overrides merge into the stage's default
+    # sources by name (`stage2.sources.low_t.weight=0.2` adds or changes one entry); a weight
+    # of 0 leaves a source out.
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    # "" = stage 1: student.path (HF folder; "" = embedded tiny student); stages 2/3: the
+    # previous stage's final checkpoint under run_dir. Otherwise an HF folder.
+    init_from: str = ""
+    epochs: float = 6.0  # passes over the stage's data (token volume estimated from a sample)
+    max_steps: int = 0  # > 0: exactly this many optimizer steps (overrides epochs)
+    lr: float = 5e-5  # peak learning rate
+    lr_floor: float = 1e-5  # cosine decays to this
+    warmup_frac: float = 0.1
+    # stage 3: the paper trains on the whole response (student prefix included); True masks
+    # the first SFTRecord.student_prefix_chars characters of the response out of the loss.
+    mask_student_prefix: bool = False
+
+    def __post_init__(self):
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("set epochs > 0 or max_steps > 0")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if self.lr_floor > self.lr:
+            raise ValueError(f"lr_floor {self.lr_floor} is above lr {self.lr}")
+
+
+def default_stage(n: int) -> StageConfig:
+    """The default section of stage n (1, 2, 3)."""
+    sources = {
+        1: {"low_t": SourceConfig("{run_dir}/select/*.array_record")},
+        2: {"high_t": SourceConfig("{run_dir}/select_high_t/*.array_record")},
+        3: {"mixed_policy": SourceConfig("{run_dir}/mixed_policy/*.array_record")},
+    }[n]
+    return StageConfig(sources=sources, epochs=1.0 if n == 3 else 6.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Shared by stages 1-3: batch geometry, packing, optimizer, checkpoints, metrics."""
+
+    seq_len: int = 65536  # tokens per packed row
+    global_batch: int = 64  # packed rows per optimizer step, all hosts together
+    micro_batch: int = 0  # rows per forward pass (all hosts); 0 = global_batch (no accum)
+    packing: Literal["masked", "unmasked"] = "masked"  # unmasked: documents see each other
+    packing_bins: int = 0  # first-fit bins per host; 0 = rows per host step
+    overlong: Literal["drop", "truncate"] = "drop"  # examples longer than seq_len
+    on_bad_record: Literal["error", "skip"] = "error"  # e.g. a record with no answer tokens
+    system_prompt: str = "You are a helpful assistant."
+    data_threads: int = 8  # Grain read/tokenize threads per host
+    length_sample: int = 256  # records per source tokenized to estimate steps from epochs
+    # optimizer (AdamW; no weight decay on norms and biases)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    opt_state_dtype: Literal["float32", "bfloat16"] = "float32"
+    chunk_size: int = 1024  # log-prob chunk over the sequence
+    # checkpoints, eval, logs
+    checkpoint_every: int = 500  # steps; also on SIGTERM and at the end
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    eval_rows: int = 0  # held-out records per source (taken before training shuffles)
+    eval_every: int = 0  # steps; 0 = only at the end (when eval_rows > 0)
+    log_every: int = 1  # progress line every N steps (metrics.jsonl gets every step)
+    tensorboard: bool = True  # event files next to metrics.jsonl (needs tensorboardX)
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the device kind
+    export_dtype: str = "bfloat16"  # dtype of the exported Hugging Face folder
+
+    def __post_init__(self):
+        for name in (
+            "seq_len",
+            "global_batch",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "chunk_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        micro = self.micro_batch or self.global_batch
+        if self.global_batch % micro:
+            raise ValueError(
+                f"global_batch {self.global_batch} is not a multiple of micro_batch {micro}"
+            )
+
+    @property
+    def accum_steps(self) -> int:
+        return self.global_batch // (self.micro_batch or self.global_batch)
