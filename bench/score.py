@@ -22,8 +22,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TINY = dict(vocab_size=151936, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)
+TINY = dict(
+    vocab_size=151936,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    tie_word_embeddings=True,
+)
 
 
 def _config(shape: str):
@@ -58,7 +66,8 @@ def bench_ours(cfg, cases, steps: int, chunk: int, attention: str) -> list[dict]
     for B, T in cases:
         tokens = jax.device_put(
             jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (B, T)), jnp.int32),
-            batch_sharding(mesh))
+            batch_sharding(mesh),
+        )
         score(model, tokens).block_until_ready()  # compile
         stats0 = dev.memory_stats() or {}
         t0 = time.perf_counter()
@@ -71,9 +80,18 @@ def bench_ours(cfg, cases, steps: int, chunk: int, attention: str) -> list[dict]
         if peak is None:  # CPU: no allocator stats; report XLA's compiled temp size instead
             compiled = score.lower(model, tokens).compile() if hasattr(score, "lower") else None
             peak = compiled.memory_analysis().temp_size_in_bytes if compiled else None
-        out.append(dict(impl="dasd_jax", batch=B, seq=T, tokens_per_s=B * T / dt,
-                        step_s=dt, peak_bytes=peak, device=str(dev.device_kind),
-                        baseline_peak_before=stats0.get("peak_bytes_in_use")))
+        out.append(
+            dict(
+                impl="dasd_jax",
+                batch=B,
+                seq=T,
+                tokens_per_s=B * T / dt,
+                step_s=dt,
+                peak_bytes=peak,
+                device=str(dev.device_kind),
+                baseline_peak_before=stats0.get("peak_bytes_in_use"),
+            )
+        )
     return out
 
 
@@ -82,8 +100,13 @@ def bench_hf(cfg, cases, steps: int) -> list[dict]:
     import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf_cfg = transformers.Qwen3Config(**{k: v for k, v in cfg.to_hf_dict().items()
-                                         if k not in ("architectures", "model_type", "dtype")})
+    hf_cfg = transformers.Qwen3Config(
+        **{
+            k: v
+            for k, v in cfg.to_hf_dict().items()
+            if k not in ("architectures", "model_type", "dtype")
+        }
+    )
     hf_cfg._attn_implementation = "sdpa"
     with torch.device(device):
         model = transformers.Qwen3ForCausalLM(hf_cfg).to(torch.bfloat16).eval()
@@ -108,18 +131,38 @@ def bench_hf(cfg, cases, steps: int) -> list[dict]:
                 torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / steps
             peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-            out.append(dict(impl="hf-transformers-sdpa", batch=B, seq=T, tokens_per_s=B * T / dt,
-                            step_s=dt, peak_bytes=peak, device=device))
+            out.append(
+                dict(
+                    impl="hf-transformers-sdpa",
+                    batch=B,
+                    seq=T,
+                    tokens_per_s=B * T / dt,
+                    step_s=dt,
+                    peak_bytes=peak,
+                    device=device,
+                )
+            )
         except torch.OutOfMemoryError:
-            out.append(dict(impl="hf-transformers-sdpa", batch=B, seq=T, tokens_per_s=None,
-                            step_s=None, peak_bytes=None, device=device, error="OOM"))
+            out.append(
+                dict(
+                    impl="hf-transformers-sdpa",
+                    batch=B,
+                    seq=T,
+                    tokens_per_s=None,
+                    step_s=None,
+                    peak_bytes=None,
+                    device=device,
+                    error="OOM",
+                )
+            )
             torch.cuda.empty_cache()
     return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shape", default="tiny", help="tiny | qwen3-4b | qwen3-8b | ...")
     p.add_argument("--cases", default=None, help="BxT list, e.g. 8x4096,2x16384")
     p.add_argument("--steps", type=int, default=None)
@@ -137,20 +180,25 @@ def main() -> None:
     hf = [] if a.no_baseline else bench_hf(cfg, cases, steps)
     gib = lambda b: f"{b / 2**30:.2f} GiB" if b else "n/a"  # noqa: E731
     print(f"shape={a.shape} device={ours[0]['device']} steps={steps} chunk={a.chunk}")
-    print(f"{'case':>10} {'dasd_jax tok/s':>15} {'HF tok/s':>12} {'ratio':>7} "
-          f"{'dasd_jax peak':>14} {'HF peak':>10}")
+    print(
+        f"{'case':>10} {'dasd_jax tok/s':>15} {'HF tok/s':>12} {'ratio':>7} "
+        f"{'dasd_jax peak':>14} {'HF peak':>10}"
+    )
     for i, o in enumerate(ours):
         h = hf[i] if hf else {}
         ratio = (o["tokens_per_s"] / h["tokens_per_s"]) if h.get("tokens_per_s") else None
-        print(f"{o['batch']}x{o['seq']:>6} {o['tokens_per_s']:>15.0f} "
-              f"{(h.get('tokens_per_s') or 0):>12.0f} "
-              f"{(f'{ratio:.2f}x' if ratio else 'n/a'):>7} {gib(o['peak_bytes']):>14} "
-              f"{gib(h.get('peak_bytes')):>10}")
+        print(
+            f"{o['batch']}x{o['seq']:>6} {o['tokens_per_s']:>15.0f} "
+            f"{(h.get('tokens_per_s') or 0):>12.0f} "
+            f"{(f'{ratio:.2f}x' if ratio else 'n/a'):>7} {gib(o['peak_bytes']):>14} "
+            f"{gib(h.get('peak_bytes')):>10}"
+        )
     if a.out:
         with open(a.out, "a") as f:
             for r in ours + hf:
-                f.write(json.dumps({**r, "shape": a.shape,
-                                    "date": time.strftime("%Y-%m-%d")}) + "\n")
+                f.write(
+                    json.dumps({**r, "shape": a.shape, "date": time.strftime("%Y-%m-%d")}) + "\n"
+                )
 
 
 if __name__ == "__main__":

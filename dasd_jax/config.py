@@ -18,9 +18,11 @@ from typing import Any
 import yaml
 
 from dasd_jax.models.qwen3 import ModelOptions
+from dasd_jax.sample.config import SampleConfig
 from dasd_jax.select.das import SelectConfig
 from dasd_jax.select.filters import FilterConfig
 from dasd_jax.sharding import MeshConfig
+from dasd_jax.train.config import StageConfig, TrainConfig, default_stage
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,12 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots
 
     def options(self) -> ModelOptions:
-        return ModelOptions(dtype=self.dtype, param_dtype=self.param_dtype,
-                            attention=self.attention, remat=self.remat)
+        return ModelOptions(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            attention=self.attention,
+            remat=self.remat,
+        )
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,62 @@ class ScoreConfig:
     chunk_size: int = 1024  # log-prob chunk over the sequence
     rows_per_shard: int = 256  # output is written in atomic shards of this many rows
     on_bad_row: str = "error"  # error | skip (skipped rows go to rejects.jsonl)
+    # --- inputs (docs/score.md): released SFT rows, Candidate JSONL or OpenAI server dumps
+    input_format: str = "auto"  # auto | sft | candidates | openai
+    domain_field: str = "domain"
+    answer_field: str = ""  # top-level field with a reference answer (math filter); "" none
+    temperature: float | None = None  # sampling temperature of rows that do not say (e.g. 0.6)
+    teacher_logprobs: str = ""  # released log-prob JSONL (sample_uuid, token_ids, logprobs)
+    teacher_tokenizer: str = ""  # folder for teacher token ids; "" = teacher.path or gpt-oss
+    index_dir: str = ""  # cache of the log-prob join index; "" = <run_dir>/cache
+    # --- teacher forward passes
+    teacher_scoring: str = "missing"  # missing (when no log-probs) | always | never
+    teacher_template: str = "auto"  # auto (gpt_oss -> harmony, else chatml) | chatml | harmony
+    teacher_reasoning_effort: str = "medium"  # harmony system block (gpt-oss teacher)
+
+    def __post_init__(self) -> None:
+        choices = {
+            "on_bad_row": ("error", "skip"),
+            "input_format": ("auto", "sft", "candidates", "openai"),
+            "teacher_scoring": ("missing", "always", "never"),
+            "teacher_template": ("auto", "chatml", "harmony"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"score.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        for name in (
+            "max_tokens",
+            "batch_tokens",
+            "bucket_multiple",
+            "chunk_size",
+            "rows_per_shard",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"score.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class SelectStageConfig:
+    """The `select` stage's files and report (selection itself: `select.*`, `filters.*`)."""
+
+    input: str = ""  # folder of scored Candidate shards; "" = <run_dir>/score
+    output: str = ""  # "" = <run_dir>/select
+    records_per_file: int = 50000  # SFTRecords per ArrayRecord file
+    source: str = ""  # SFTRecord.source; "" = low_t / high_t by temperature (else "unknown")
+    high_t_from: float = 0.8  # temperature from which a sample counts as high_t
+    on_bad_row: str = "error"  # error | skip (a bad scored line goes to rejects)
+    report: bool = True  # report.md + PNG plots (matplotlib) besides summary.json
+    scatter_points: int = 20000  # sentences kept (seeded reservoir) for the p_T vs p_S plot
+
+    def __post_init__(self) -> None:
+        if self.on_bad_row not in ("error", "skip"):
+            raise ValueError(
+                f"select_stage.on_bad_row must be error or skip, got {self.on_bad_row!r}"
+            )
+        if self.records_per_file < 1 or self.scatter_points < 0:
+            raise ValueError("select_stage.records_per_file must be >= 1, scatter_points >= 0")
 
 
 @dataclass(frozen=True)
@@ -61,9 +123,16 @@ class Config:
     seed: int = 0
     mesh: MeshConfig = field(default_factory=MeshConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)  # scores when log-probs missing
+    sample: SampleConfig = field(default_factory=SampleConfig)  # teacher sampling
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    select_stage: SelectStageConfig = field(default_factory=SelectStageConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # shared by SFT stages 1-3
+    stage1: StageConfig = field(default_factory=lambda: default_stage(1))
+    stage2: StageConfig = field(default_factory=lambda: default_stage(2))
+    stage3: StageConfig = field(default_factory=lambda: default_stage(3))
 
 
 class ConfigError(ValueError):
@@ -102,6 +171,11 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
         return _build(tp, value, f"{key}.", where)
+    if origin is dict:  # name -> section, e.g. stage2.sources
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
+        item = typing.get_args(tp)[1]
+        return {str(k): _coerce(v, item, f"{key}.{k}", where) for k, v in value.items()}
     if origin in (tuple, list):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}{key}: expected a list, got {value!r}")
@@ -131,7 +205,14 @@ def _build(cls, data: dict[str, Any], prefix: str = "", where: str = ""):
     if unknown:
         raise ConfigError(
             f"{where}unknown key {prefix}{unknown[0]!s} (valid under "
-            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(types_))})")
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(types_))})"
+        )
+    data = dict(data)
+    for f in dataclasses.fields(cls):  # a section given in part keeps its field's defaults
+        if f.name in data and isinstance(data[f.name], dict) and callable(f.default_factory):
+            default = f.default_factory()  # e.g. stage2's own default sources
+            if dataclasses.is_dataclass(default):
+                data[f.name] = _merge(to_dict(default), data[f.name])
     kwargs = {k: _coerce(v, types_[k], prefix + k, where) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -142,8 +223,7 @@ def _build(cls, data: dict[str, Any], prefix: str = "", where: str = ""):
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k),
-                                                                        dict) else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -193,6 +273,8 @@ def to_dict(cfg) -> dict[str, Any]:
     def conv(x):
         if dataclasses.is_dataclass(x):
             return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
         if isinstance(x, tuple | list):
             return [conv(v) for v in x]
         return x

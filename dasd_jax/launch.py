@@ -18,15 +18,31 @@ from dasd_jax.config import ConfigError, load_config, to_yaml
 
 # stage -> (module, one line for --help). Stages of later milestones register here.
 STAGES: dict[str, tuple[str, str]] = {
-    "score": ("dasd_jax.score",
-              "per-token student log-probs of every response (resumable, sharded)"),
+    "sample": (
+        "dasd_jax.sample.stage",
+        "teacher responses at each temperature with per-token teacher log-probs",
+    ),
+    "score": (
+        "dasd_jax.score",
+        "per-token student (and missing teacher) log-probs of every candidate",
+    ),
+    "select": (
+        "dasd_jax.select.stage",
+        "filters + DAS selection -> SFT ArrayRecords, rejects, report",
+    ),
+    "1": ("dasd_jax.train.stage1", "SFT stage 1: the student on low-temperature data"),
+    "2": ("dasd_jax.train.stage2", "SFT stage 2: from stage 1, on high-temperature data"),
+    "3": ("dasd_jax.train.stage3", "SFT stage 3: from stage 2, on mixed-policy data"),
 }
 
 
 def _help_epilog() -> str:
     lines = ["stages:"] + [f"  {k:<14}{v[1]}" for k, v in STAGES.items()]
-    lines += ["", "overrides: dotted keys, e.g. student.path=/ckpt/Qwen3-4B mesh.fsdp=4",
-              "with no --config and no overrides, a stage runs on the embedded tiny default"]
+    lines += [
+        "",
+        "overrides: dotted keys, e.g. student.path=/ckpt/Qwen3-4B mesh.fsdp=4",
+        "with no --config and no overrides, a stage runs on the embedded tiny default",
+    ]
     return "\n".join(lines)
 
 
@@ -40,8 +56,11 @@ def maybe_initialize_distributed() -> None:
     import jax
 
     if os.environ.get("DASD_COORDINATOR"):
-        if os.environ.get("DASD_CPU_COLLECTIVES", "gloo") and jax.default_backend() == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Must precede initialize(), and must not query the backend first (that would
+        # initialise it single-process). Only CPU collectives read this option.
+        jax.config.update(
+            "jax_cpu_collectives_implementation", os.environ.get("DASD_CPU_COLLECTIVES", "gloo")
+        )
         jax.distributed.initialize(
             coordinator_address=os.environ["DASD_COORDINATOR"],
             num_processes=int(os.environ["DASD_NUM_PROCESSES"]),
@@ -58,11 +77,17 @@ def main(argv: list[str] | None = None) -> int:
         epilog=_help_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--stage", required=True, choices=sorted(STAGES), metavar="STAGE",
-                        help="one of: " + ", ".join(STAGES))
+    parser.add_argument(
+        "--stage",
+        required=True,
+        choices=sorted(STAGES),
+        metavar="STAGE",
+        help="one of: " + ", ".join(STAGES),
+    )
     parser.add_argument("--config", default=None, help="YAML file of config differences")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config and exit")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -80,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(STAGES[args.stage][0])
     summary = module.run(cfg)
     print(json.dumps(summary, indent=2))
-    return 0
+    # 143 (128 + SIGTERM) tells launch/qr_resume.sh the stage stopped for a preemption and
+    # saved its state, so the same command should run again.
+    return 143 if isinstance(summary, dict) and summary.get("preempted") else 0
 
 
 if __name__ == "__main__":

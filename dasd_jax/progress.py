@@ -23,8 +23,15 @@ def _fmt_eta(seconds: float | None) -> str:
 
 
 class Progress:
-    def __init__(self, name: str, total_rows: int | None, metrics_path: str | Path | None = None,
-                 every_s: float = 5.0, enabled: bool = True, stream=None):
+    def __init__(
+        self,
+        name: str,
+        total_rows: int | None,
+        metrics_path: str | Path | None = None,
+        every_s: float = 5.0,
+        enabled: bool = True,
+        stream=None,
+    ):
         self.name, self.total = name, total_rows
         self.rows = self.tokens = 0
         self.t0 = time.perf_counter()
@@ -46,9 +53,14 @@ class Progress:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         rps, tps = self.rows / dt, self.tokens / dt
         eta = (self.total - self.rows) / rps if self.total and rps > 0 else None
-        return {"time": round(dt, 3), "rows": self.rows, "tokens": self.tokens,
-                "rows_per_s": round(rps, 3), "tokens_per_s": round(tps, 1),
-                "eta_s": None if eta is None else round(eta, 1)}
+        return {
+            "time": round(dt, 3),
+            "rows": self.rows,
+            "tokens": self.tokens,
+            "rows_per_s": round(rps, 3),
+            "tokens_per_s": round(tps, 1),
+            "eta_s": None if eta is None else round(eta, 1),
+        }
 
     def report(self, **extra) -> None:
         s = {**self.stats(), **extra}
@@ -59,6 +71,9 @@ class Progress:
         if self.enabled:
             total = f"/{self.total}" if self.total else ""
             more = "".join(f" {k}={v}" for k, v in extra.items())
-            print(f"[{self.name}] {s['rows']}{total} rows  {s['rows_per_s']:.2f} rows/s  "
-                  f"{s['tokens_per_s']:.0f} tok/s  ETA {_fmt_eta(s['eta_s'])}{more}",
-                  file=self.stream, flush=True)
+            print(
+                f"[{self.name}] {s['rows']}{total} rows  {s['rows_per_s']:.2f} rows/s  "
+                f"{s['tokens_per_s']:.0f} tok/s  ETA {_fmt_eta(s['eta_s'])}{more}",
+                file=self.stream,
+                flush=True,
+            )

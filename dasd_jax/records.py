@@ -71,8 +71,11 @@ def require_fields(row: dict, fields: dict[str, type], path: str | Path, line: i
         if name not in row:
             raise BadRow(path, line, f"missing field {name!r} (has {sorted(row)})")
         if not isinstance(row[name], tp):
-            raise BadRow(path, line, f"field {name!r} should be {tp.__name__}, got "
-                                     f"{type(row[name]).__name__}")
+            raise BadRow(
+                path,
+                line,
+                f"field {name!r} should be {tp.__name__}, got {type(row[name]).__name__}",
+            )
 
 
 @contextlib.contextmanager

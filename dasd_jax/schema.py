@@ -13,9 +13,12 @@ Two record types (documented in docs/records.md):
   need pyarrow and a custom source for the same access pattern.
 
 Token-level fields are lists of equal length (`token_ids`, `logprobs`, `offsets`); offsets
-are [start, end) character spans relative to `response` that tile it exactly
-(`tokenizer.encode_with_offsets` rule: a character split across byte-level tokens belongs to
-the token holding its last byte).
+are [start, end) character spans relative to `response` (`tokenizer.encode_with_offsets`
+rule: a character split across byte-level tokens belongs to the token holding its last byte).
+Spans are monotone and never overlap. The student's tile the response exactly; a teacher's
+written in another format (gpt-oss harmony, mapped to `<think>` text by `ingest`) give its
+channel-marker tokens empty spans and leave the characters it never produced as tokens
+(`<think>`, `</think>`) uncovered.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class TokenScores:
     logprobs: list[float]
     offsets: list[tuple[int, int]] | None = None  # None: recomputed from the tokenizer
     sampling_logprobs: list[float] | None = None
+    # tokens of the rendered prompt before the response (score stage; the length filter)
+    n_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)

@@ -1,28 +1,33 @@
-"""The `score` stage: per-token log-probs of every response under the student.
+"""The `score` stage: per-token log-probs of every candidate under the student (always) and
+the teacher (when its log-probs were not recorded).
 
-Consumes `score.input`, a JSONL file of prompt/response rows (default fields: the released
-SFT schema `uuid`, `input`, `output`; "" = the embedded demo rows), and the student
-(`student.path`, a Hugging Face folder; "" = the embedded tiny Qwen3).
+Consumes `score.input` (JSONL; "" = the embedded demo rows) in one of the forms `ingest`
+reads: the released SFT rows (optionally joined by uuid with the released teacher log-prob
+rows, `score.teacher_logprobs`), the sample stage's Candidate JSONL, or OpenAI-compatible
+server dumps; the student (`student.path`, an HF folder; "" = the embedded tiny Qwen3) and,
+for candidates without teacher log-probs, the teacher (`teacher.path`; "" = the embedded tiny
+teacher).
 
 Produces, under `<run_dir>/score/`:
-- `part-NNNNNN.jsonl`: one line per scored row, in input order within the shard:
-  `{"id", "line", "n_prompt_tokens", "n_response_tokens", "token_ids", "offsets",
-  "logprobs", "mean_logprob"}`. `token_ids` are the student tokens of the response,
-  `offsets` their [start, end) character spans relative to the response text (clipped to it),
-  `logprobs` log p_S(token | everything before it), fp32.
-- `part-NNNNNN.stats.json`: counts for that shard (rows, rejects, tokens, padding).
-- `rejects.part-NNNNNN.jsonl`: rows not scored, with `reason` (too long, malformed, missing
-  field when `score.on_bad_row=skip`).
-- `summary.json`, `metrics.jsonl` (progress: rows/s, tokens/s, ETA, padding fraction).
+- `part-NNNNNN.jsonl`: one `schema.Candidate` per line (input order within the shard), with
+  `student` and `teacher` `TokenScores`: response token ids, log p(token | prompt, earlier
+  response tokens) in fp32, and response-relative character spans; `student.n_prompt_tokens`.
+- `part-NNNNNN.stats.json`: the shard's counts (lines, candidates, rejects, tokens, padding).
+- `rejects.part-NNNNNN.jsonl`: `{line, id, reason}` for every line or candidate not scored
+  (malformed, missing field, log-prob length mismatch, unknown uuid in the join, teacher text
+  mismatch, too long) when `score.on_bad_row=skip`; with `error` the run stops at the first
+  one with `file:line: reason`.
+- `summary.json` (process 0), `metrics.jsonl` (progress: rows/s, tokens/s, ETA, padding).
 
-How: the input is cut into shards of `score.rows_per_shard` rows; a shard whose part file
-exists is finished work and is skipped on restart, and every file is written atomically, so a
-kill at any point loses at most the shard in flight. Rows are rendered with the student's
-chat template (`tokenizer.render_chat`: the response verbatim), sorted by length within a
-shard and batched by padded length (multiples of `score.bucket_multiple`, a fixed row count
-per length so each length compiles once), sharded over the mesh's batch axes; log-probs come
-from the chunked kernel (`logprobs.sequence_logprobs`). Response tokens are those whose span
-starts inside the response.
+How: the input is cut into shards of `score.rows_per_shard` lines; process p of P takes shards
+p, p+P, ... and scores them on a mesh of its own devices (scoring needs no cross-host
+collective). A shard whose part file exists is done and skipped on restart; every file is
+written under a temporary name and renamed, the part file last, so a kill at any point loses
+at most the shard in flight and never leaves a half-written file under its final name. Each
+model renders prompt + response with its own chat format (student: Qwen3 ChatML; teacher:
+ChatML, or gpt-oss harmony via `chat.render_harmony`) and tokenizer; rows are sorted by
+length within a shard and batched by padded length (`plan_batches`), sharded over the mesh's
+batch axes; log-probs come from the chunked kernel (`logprobs.sequence_logprobs`).
 """
 
 from __future__ import annotations
@@ -38,25 +43,27 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dasd_jax.config import Config
+from dasd_jax import chat, ingest
+from dasd_jax.config import Config, ModelConfig
 from dasd_jax.logprobs import sequence_logprobs
 from dasd_jax.progress import Progress
-from dasd_jax.records import BadRow, atomic_write, iter_jsonl, shard_name, write_json
+from dasd_jax.records import BadRow, atomic_write, shard_name, write_json
+from dasd_jax.schema import Candidate, TokenScores
 from dasd_jax.sharding import batch_sharding, make_mesh
-from dasd_jax.tokenizer import encode_with_offsets, load_tokenizer, render_chat
+from dasd_jax.tokenizer import encode_with_offsets, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Encoded:
-    id: str
-    line: int
-    ids: list[int]
-    offsets: list[tuple[int, int]]
-    response_start: int
-    response_end: int
-    first_response_token: int
+    """One candidate rendered and tokenized for one model."""
+
+    key: int  # index of the candidate within its shard
+    ids: list[int]  # every token of the rendered text
+    first: int  # index of the first response token
+    count: int  # number of response tokens
+    spans: list[tuple[int, int]]  # response-relative character spans of the response tokens
 
 
 def resolve_inputs(cfg: Config) -> tuple[Path, Path]:
@@ -67,27 +74,10 @@ def resolve_inputs(cfg: Config) -> tuple[Path, Path]:
     if cfg.score.input:
         data = Path(cfg.score.input)
     else:
-        data = embedded.write_demo_rows(Path(cfg.run_dir) / "inputs" / "demo.jsonl")
+        data = embedded.write_demo_rows(
+            Path(cfg.run_dir) / "inputs" / "demo.jsonl", embedded.demo_candidate_rows()
+        )
     return student, data
-
-
-def encode_row(row: dict, line: int, path: Path, tokenizer, cfg: Config) -> Encoded:
-    sc = cfg.score
-    for name in (sc.prompt_field, sc.response_field):
-        if name not in row:
-            raise BadRow(path, line, f"missing field {name!r} (has {sorted(row)})")
-        if not isinstance(row[name], str):
-            raise BadRow(path, line, f"field {name!r} should be a string")
-    row_id = str(row.get(sc.id_field, f"line-{line}"))
-    rendered = render_chat(row[sc.prompt_field], row[sc.response_field], sc.system_prompt)
-    try:
-        ids, offsets = encode_with_offsets(tokenizer, rendered.text)
-    except ValueError as e:
-        raise BadRow(path, line, f"cannot tokenize: {e}") from None
-    first = next((i for i, (s, _) in enumerate(offsets) if s >= rendered.response_start),
-                 len(ids))
-    return Encoded(row_id, line, ids, offsets, rendered.response_start, rendered.response_end,
-                   first)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -119,62 +109,124 @@ def plan_batches(lengths: list[int], batch_tokens: int, multiple: int, dp: int):
     return batches
 
 
-class StudentScorer:
-    """Loads the student once; `score(batch)` returns per-token log-probs."""
+@nnx.jit(static_argnames=("chunk_size",))
+def _token_logprobs(model, tokens, positions, segments, chunk_size: int):
+    # One module-level jitted function: a second run (or a resumed one) with the same model
+    # structure and batch shapes reuses the compiled executables.
+    return sequence_logprobs(model, tokens, positions, segments, chunk_size=chunk_size)[0]
 
-    def __init__(self, model_path: Path, cfg: Config):
+
+class ModelScorer:
+    """Loads one model once; `score(ids, padded, rows)` returns per-token log-probs."""
+
+    def __init__(self, model_path: Path, model_cfg: ModelConfig, chunk_size: int, mesh):
         from dasd_jax.models.checkpoint import load_hf
 
-        self.cfg = cfg
-        self.mesh = make_mesh(cfg.mesh)
-        self.model = load_hf(model_path, self.mesh, cfg.student.options())
-        self.dp = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp", "expert")]))
-        chunk = cfg.score.chunk_size
+        self.path, self.mesh = model_path, mesh
+        self.model = load_hf(model_path, mesh, model_cfg.options())
+        self.dp = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
+        self.chunk_size = chunk_size
 
-        @nnx.jit
-        def fn(model, tokens, positions, segments):
-            return sequence_logprobs(model, tokens, positions, segments, chunk_size=chunk)[0]
-
-        self._fn = fn
-
-    def score(self, batch: list[Encoded], padded: int, rows: int) -> np.ndarray:
+    def score(self, batch: list[list[int]], padded: int, rows: int) -> np.ndarray:
         tokens = np.zeros((rows, padded), np.int32)
         segments = np.zeros((rows, padded), np.int32)
-        for r, e in enumerate(batch):
-            tokens[r, : len(e.ids)] = e.ids
-            segments[r, : len(e.ids)] = 1
+        for r, ids in enumerate(batch):
+            tokens[r, : len(ids)] = ids
+            segments[r, : len(ids)] = 1
         positions = np.broadcast_to(np.arange(padded, dtype=np.int32), (rows, padded))
         sh = batch_sharding(self.mesh)
         put = lambda a: jax.device_put(jnp.asarray(a), sh)  # noqa: E731
-        out = self._fn(self.model, put(tokens), put(positions), put(segments))
+        out = _token_logprobs(
+            self.model, put(tokens), put(positions), put(segments), chunk_size=self.chunk_size
+        )
         return np.asarray(jax.device_get(out))
 
 
-def _output_row(e: Encoded, logp: np.ndarray) -> dict:
-    k = e.first_response_token
-    resp_lp = [float(x) for x in logp[k : len(e.ids)]]
-    start = e.response_start
-    offsets = [[max(s - start, 0), min(t, e.response_end) - start]
-               for s, t in e.offsets[k : len(e.ids)]]
-    # the closing <|im_end|>\n tokens lie past the response: keep only the response's tokens
-    n = sum(1 for s, _ in e.offsets[k : len(e.ids)] if s < e.response_end)
-    resp_lp, offsets = resp_lp[:n], offsets[:n]
-    return {
-        "id": e.id, "line": e.line, "n_prompt_tokens": k, "n_response_tokens": n,
-        "token_ids": e.ids[k : k + n], "offsets": offsets, "logprobs": resp_lp,
-        "mean_logprob": float(np.mean(resp_lp)) if resp_lp else None,
-    }
+class Side:
+    """One model's view: its tokenizer, chat format and (loaded on first use) forward pass."""
+
+    def __init__(
+        self, name: str, path: Path, model_cfg: ModelConfig, template: str, cfg: Config, mesh
+    ):
+        self.name, self.path, self.model_cfg, self.template = name, path, model_cfg, template
+        self.cfg, self.mesh = cfg, mesh
+        self.tokenizer = load_tokenizer(path)
+        self._scorer: ModelScorer | None = None
+
+    @property
+    def scorer(self) -> ModelScorer:
+        if self._scorer is None:
+            self._scorer = ModelScorer(
+                self.path, self.model_cfg, self.cfg.score.chunk_size, self.mesh
+            )
+        return self._scorer
+
+    def render(self, c: Candidate) -> chat.Rendering:
+        sc = self.cfg.score
+        if self.template == "harmony":
+            return chat.render_harmony(
+                c.prompt, c.response, sc.system_prompt, sc.teacher_reasoning_effort
+            )
+        return chat.render_chatml(c.prompt, c.response, sc.system_prompt)
+
+    def encode(self, key: int, c: Candidate) -> Encoded:
+        """Raises ValueError with a reason (cannot tokenize)."""
+        r = self.render(c)
+        try:
+            ids, offsets = encode_with_offsets(self.tokenizer, r.text)
+        except ValueError as e:
+            raise ValueError(f"cannot tokenize for the {self.name}: {e}") from None
+        first, count, spans = chat.response_offsets(offsets, r)
+        return Encoded(key, ids, first, count, spans)
+
+    def score_all(self, encoded: list[Encoded], progress: Progress, counts: dict) -> dict:
+        """key -> log-probs of the response tokens; adds tokens/padding to `counts`."""
+        sc = self.cfg.score
+        out: dict[int, list[float]] = {}
+        if not encoded:
+            return out
+        scorer = self.scorer
+        for padded, n_rows, idx in plan_batches(
+            [len(e.ids) for e in encoded], sc.batch_tokens, sc.bucket_multiple, scorer.dp
+        ):
+            batch = [encoded[i] for i in idx]
+            logp = scorer.score([e.ids for e in batch], padded, n_rows)
+            for r, e in enumerate(batch):
+                out[e.key] = [float(x) for x in logp[r, e.first : e.first + e.count]]
+            real = sum(len(e.ids) for e in batch)
+            counts[f"{self.name}_tokens"] += real
+            counts[f"{self.name}_padded_tokens"] += padded * n_rows
+            progress.update(
+                0,
+                real,
+                **{
+                    f"{self.name}_padding": round(
+                        1
+                        - counts[f"{self.name}_tokens"]
+                        / max(counts[f"{self.name}_padded_tokens"], 1),
+                        3,
+                    )
+                },
+            )
+        return out
 
 
-def _shards(path: Path, rows_per_shard: int, on_bad: str, bad_rows: list):
-    """Yield (shard index, [(line, row)]) from a streaming read of the input."""
+def model_template(path: Path, requested: str) -> str:
+    """`chatml` or `harmony`: the requested one, or by config.json's model_type."""
+    if requested != "auto":
+        return requested
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    return "harmony" if model_type == "gpt_oss" else "chatml"
+
+
+def _raw_shards(path: Path, rows_per_shard: int):
+    """Yield (shard index, [(line, raw text)]) from a streaming read of the input."""
     shard, buf = 0, []
-
-    def rejected(err: BadRow, raw: str):
-        bad_rows.append((shard, err))
-
-    for line, row in iter_jsonl(path, on_bad=on_bad, rejected=rejected):
-        buf.append((line, row))
+    for line, raw in ingest.iter_lines(path):
+        buf.append((line, raw))
         if len(buf) == rows_per_shard:
             yield shard, buf
             shard, buf = shard + 1, []
@@ -182,72 +234,231 @@ def _shards(path: Path, rows_per_shard: int, on_bad: str, bad_rows: list):
         yield shard, buf
 
 
+class _Context:
+    """What a run loads once: sides, the log-prob index, the reader."""
+
+    def __init__(self, cfg: Config, student_path: Path, data_path: Path):
+        from dasd_jax import embedded
+
+        sc = cfg.score
+        self.cfg = cfg
+        # Each process scores its own shards on its own devices: no cross-host collective.
+        self.mesh = make_mesh(cfg.mesh, devices=jax.local_devices())
+        self.student = Side("student", student_path, cfg.student, "chatml", cfg, self.mesh)
+        self._teacher: Side | None = None
+        self._teacher_bytes: ingest.TokenBytes | None = None
+        self.teacher_path = Path(cfg.teacher.path) if cfg.teacher.path else None
+        self._embedded_teacher = embedded.tiny_teacher
+        fmt = sc.input_format if sc.input_format != "auto" else ingest.detect_format(data_path)
+        self.fmt = fmt
+        self.index = None
+        if sc.teacher_logprobs:
+            cache = Path(sc.index_dir) if sc.index_dir else Path(cfg.run_dir) / "cache"
+            self.index = ingest.LogprobIndex(sc.teacher_logprobs, cache)
+        opts = ingest.IngestOptions(
+            prompt_field=sc.prompt_field,
+            response_field=sc.response_field,
+            id_field=sc.id_field,
+            domain_field=sc.domain_field,
+            answer_field=sc.answer_field,
+            temperature=sc.temperature,
+            teacher_name=str(self.teacher_path) if self.teacher_path else "teacher",
+        )
+        self.reader = ingest.Reader(data_path, fmt, opts, self.index, self.teacher_bytes)
+
+    @property
+    def teacher(self) -> Side:
+        if self._teacher is None:
+            if self.teacher_path is None:
+                self.teacher_path = self._embedded_teacher()
+            tpl = model_template(self.teacher_path, self.cfg.score.teacher_template)
+            self._teacher = Side(
+                "teacher", self.teacher_path, self.cfg.teacher, tpl, self.cfg, self.mesh
+            )
+        return self._teacher
+
+    def teacher_bytes(self) -> ingest.TokenBytes:
+        if self._teacher_bytes is None:
+            from dasd_jax.tokenizer import build_gpt_oss_tokenizer
+
+            sc = self.cfg.score
+            folder = sc.teacher_tokenizer or (
+                self.cfg.teacher.path
+                if self.cfg.teacher.path
+                and (Path(self.cfg.teacher.path) / "tokenizer.json").exists()
+                else build_gpt_oss_tokenizer()
+            )
+            self._teacher_bytes = ingest.TokenBytes(folder)
+        return self._teacher_bytes
+
+
+def _score_shard(
+    ctx: _Context,
+    shard: int,
+    lines: list[tuple[int, str]],
+    out_dir: Path,
+    progress: Progress,
+    data_path: Path,
+) -> dict:
+    sc = ctx.cfg.score
+    rejects: list[dict] = []
+    cands: list[Candidate] = []
+    lines_of: list[int] = []
+
+    def bad(line: int, err: Exception, cand_id: str | None = None) -> None:
+        if sc.on_bad_row == "error":
+            if isinstance(err, BadRow):
+                raise err
+            raise BadRow(data_path, line, str(err)) from err
+        rejects.append(
+            {
+                "line": line,
+                "id": cand_id,
+                "reason": err.reason if isinstance(err, BadRow) else str(err),
+            }
+        )
+
+    for line, raw in lines:
+        try:
+            got = ctx.reader.candidates(line, raw)
+        except BadRow as e:
+            bad(line, e)
+            continue
+        for c in got:
+            cands.append(c)
+            lines_of.append(line)
+
+    counts = {
+        k: 0
+        for k in (
+            "student_tokens",
+            "student_padded_tokens",
+            "teacher_tokens",
+            "teacher_padded_tokens",
+        )
+    }
+    need_teacher = {
+        "missing": lambda c: c.teacher is None,
+        "always": lambda c: True,
+        "never": lambda c: False,
+    }[sc.teacher_scoring]
+    enc_s: list[Encoded] = []
+    enc_t: list[Encoded] = []
+    alive: list[int] = []
+    for k, c in enumerate(cands):
+        cid = c.meta.get("uuid") or f"{c.prompt_id}/{c.candidate}"
+        try:
+            es = ctx.student.encode(k, c)
+            if len(es.ids) > sc.max_tokens:
+                raise ValueError(
+                    f"too_long: {len(es.ids)} student tokens > score.max_tokens={sc.max_tokens}"
+                )
+            et = None
+            if need_teacher(c):
+                et = ctx.teacher.encode(k, c)
+                if len(et.ids) > sc.max_tokens:
+                    raise ValueError(
+                        f"too_long: {len(et.ids)} teacher tokens > score.max_tokens={sc.max_tokens}"
+                    )
+        except ValueError as e:
+            bad(lines_of[k], e, cid)
+            continue
+        enc_s.append(es)
+        if et is not None:
+            enc_t.append(et)
+        alive.append(k)
+
+    lp_s = ctx.student.score_all(enc_s, progress, counts)
+    lp_t = ctx.teacher.score_all(enc_t, progress, counts) if enc_t else {}
+    by_key_s = {e.key: e for e in enc_s}
+    by_key_t = {e.key: e for e in enc_t}
+    student_name = str(ctx.student.path)
+    teacher_from = {"logprobs": 0, "model": 0, "none": 0}
+    out_lines = []
+    for k in alive:
+        c = cands[k]
+        e = by_key_s[k]
+        c.student = TokenScores(
+            student_name,
+            student_name,
+            e.ids[e.first : e.first + e.count],
+            lp_s[k],
+            e.spans,
+            n_prompt_tokens=e.first,
+        )
+        if k in by_key_t:
+            t = by_key_t[k]
+            name = str(ctx.teacher.path)
+            c.teacher = TokenScores(
+                name,
+                name,
+                t.ids[t.first : t.first + t.count],
+                lp_t[k],
+                t.spans,
+                n_prompt_tokens=t.first,
+            )
+            teacher_from["model"] += 1
+        elif c.teacher is not None:
+            teacher_from["logprobs"] += 1
+        else:
+            teacher_from["none"] += 1
+        out_lines.append(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
+    progress.update(len(lines))
+
+    stats = {
+        "shard": shard,
+        "rows_in": len(lines),
+        "candidates": len(cands),
+        "rows_out": len(out_lines),
+        "rejects": len(rejects),
+        "teacher_from": teacher_from,
+        **counts,
+    }
+    # rejects and stats first: the part file is the shard's completion marker
+    with atomic_write(out_dir / f"rejects.{shard_name(shard)}") as f:
+        for r in rejects:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_json(out_dir / shard_name(shard).replace(".jsonl", ".stats.json"), stats)
+    with atomic_write(out_dir / shard_name(shard)) as f:
+        f.writelines(out_lines)
+    return stats
+
+
 def run(cfg: Config) -> dict:
-    """Score every row of `score.input` with the student; returns the summary."""
-    sc = cfg.score
+    """Score every candidate of `score.input`; returns the summary."""
     out_dir = Path(cfg.run_dir) / "score"
     out_dir.mkdir(parents=True, exist_ok=True)
     student_path, data_path = resolve_inputs(cfg)
-    tokenizer = load_tokenizer(student_path)
-    scorer = StudentScorer(student_path, cfg)
+    ctx = _Context(cfg, student_path, data_path)
     n_proc, proc = jax.process_count(), jax.process_index()
-    total_rows = sum(1 for line in data_path.open("rb") if line.strip())
-    progress = Progress("score", total_rows, out_dir / "metrics.jsonl")
-    bad_rows: list[tuple[int, BadRow]] = []
+    progress = Progress("score", ingest.count_lines(data_path), out_dir / "metrics.jsonl")
     t0 = time.perf_counter()
     skipped_shards = 0
-    for shard, rows in _shards(data_path, sc.rows_per_shard, sc.on_bad_row, bad_rows):
-        part = out_dir / shard_name(shard)
+    for shard, lines in _raw_shards(data_path, cfg.score.rows_per_shard):
         if shard % n_proc != proc:
             continue
-        if part.exists():
+        if (out_dir / shard_name(shard)).exists():
             skipped_shards += 1
-            progress.update(len(rows))
+            progress.update(len(lines))
             continue
-        rejects = [{"line": e.line, "reason": e.reason} for s, e in bad_rows if s == shard]
-        encoded: list[Encoded] = []
-        for line, row in rows:
-            try:
-                e = encode_row(row, line, data_path, tokenizer, cfg)
-            except BadRow as err:
-                if sc.on_bad_row == "error":
-                    raise
-                rejects.append({"line": line, "id": row.get(sc.id_field), "reason": err.reason})
-                continue
-            if len(e.ids) > sc.max_tokens:
-                rejects.append({"line": line, "id": e.id, "reason":
-                                f"too_long: {len(e.ids)} tokens > score.max_tokens="
-                                f"{sc.max_tokens}"})
-                continue
-            encoded.append(e)
-        results: dict[int, dict] = {}
-        real = padded_total = 0
-        for padded, n_rows, idx in plan_batches([len(e.ids) for e in encoded], sc.batch_tokens,
-                                                sc.bucket_multiple, scorer.dp):
-            batch = [encoded[i] for i in idx]
-            logp = scorer.score(batch, padded, n_rows)
-            for r, i in enumerate(idx):
-                results[i] = _output_row(encoded[i], logp[r])
-            real += sum(len(e.ids) for e in batch)
-            padded_total += padded * n_rows
-            progress.update(len(batch), sum(len(e.ids) for e in batch),
-                            padding=round(1 - real / max(padded_total, 1), 3))
-        stats = {"shard": shard, "rows_in": len(rows) + sum(1 for s, _ in bad_rows if s == shard),
-                 "rows_out": len(results), "rejects": len(rejects), "tokens": real,
-                 "padded_tokens": padded_total}
-        # rejects and stats first: the part file is the shard's completion marker
-        with atomic_write(out_dir / f"rejects.{shard_name(shard)}") as f:
-            for r in rejects:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        write_json(out_dir / shard_name(shard).replace(".jsonl", ".stats.json"), stats)
-        with atomic_write(part) as f:
-            for i in range(len(encoded)):
-                f.write(json.dumps(results[i], ensure_ascii=False) + "\n")
-        progress.update(len(rows) - len(encoded))
+        _score_shard(ctx, shard, lines, out_dir, progress, data_path)
     progress.report()
+    if n_proc > 1:  # every host's shards are written before process 0 sums them
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("dasd_jax score done")
     summary = summarize(out_dir)
-    summary.update(seconds=round(time.perf_counter() - t0, 2), skipped_shards=skipped_shards,
-                   student=str(student_path), input=str(data_path))
+    summary.update(
+        seconds=round(time.perf_counter() - t0, 2),
+        skipped_shards=skipped_shards,
+        student=str(student_path),
+        input=str(data_path),
+        input_format=ctx.fmt,
+        teacher=str(ctx.teacher_path) if ctx.teacher_path else None,
+    )
+    if ctx.index is not None:
+        summary["logprob_index"] = {"path": str(ctx.index.index_path), **ctx.index.stats}
+        ctx.index.close()
     if proc == 0:
         write_json(out_dir / "summary.json", summary)
         print_table(out_dir)
@@ -255,33 +466,61 @@ def run(cfg: Config) -> dict:
 
 
 def print_table(out_dir: Path, limit: int = 12) -> None:
-    """A few scored rows, for a human reading the run's output."""
+    """A few scored candidates, for a human reading the run's output."""
     rows = []
     for f in sorted(out_dir.glob("part-*.jsonl")):
-        for line in f.open():
-            rows.append(json.loads(line))
-            if len(rows) >= limit:
-                break
+        with f.open() as fh:
+            for line in fh:
+                rows.append(json.loads(line))
+                if len(rows) >= limit:
+                    break
         if len(rows) >= limit:
             break
-    print(f"{'id':<16}{'prompt tok':>11}{'response tok':>13}{'mean log p':>12}{'ppl':>10}")
+    print(
+        f"{'prompt/candidate':<28}{'student tok':>12}{'mean log p_S':>13}{'teacher tok':>12}"
+        f"{'mean log p_T':>13}"
+    )
+
+    def mean(side):
+        if not side or not side["logprobs"]:
+            return "-"
+        return f"{np.nanmean(side['logprobs']):.3f}"
+
     for r in rows:
-        mlp = r["mean_logprob"]
-        ppl = f"{np.exp(-mlp):.1f}" if mlp is not None else "-"
-        print(f"{r['id'][:15]:<16}{r['n_prompt_tokens']:>11}{r['n_response_tokens']:>13}"
-              f"{mlp if mlp is None else round(mlp, 3):>12}{ppl:>10}")
+        s, t = r.get("student"), r.get("teacher")
+        name = f"{r['prompt_id'][:18]}/{r['candidate']}"
+        print(
+            f"{name:<28}{len(s['token_ids']) if s else 0:>12}{mean(s):>13}"
+            f"{len(t['token_ids']) if t else 0:>12}{mean(t):>13}"
+        )
 
 
 def summarize(out_dir: Path) -> dict:
-    totals = {"shards": 0, "rows_in": 0, "rows_out": 0, "rejects": 0, "tokens": 0,
-              "padded_tokens": 0}
+    keys = (
+        "rows_in",
+        "candidates",
+        "rows_out",
+        "rejects",
+        "student_tokens",
+        "student_padded_tokens",
+        "teacher_tokens",
+        "teacher_padded_tokens",
+    )
+    totals: dict = {
+        "shards": 0,
+        **{k: 0 for k in keys},
+        "teacher_from": {"logprobs": 0, "model": 0, "none": 0},
+    }
     for f in sorted(out_dir.glob("part-*.stats.json")):
         if not (out_dir / f.name.replace(".stats.json", ".jsonl")).exists():
             continue
         s = json.loads(f.read_text())
         totals["shards"] += 1
-        for k in ("rows_in", "rows_out", "rejects", "tokens", "padded_tokens"):
-            totals[k] += s[k]
-    totals["padding_fraction"] = round(1 - totals["tokens"] / max(totals["padded_tokens"], 1),
-                                       4)
+        for k in keys:
+            totals[k] += s.get(k, 0)
+        for k, v in s.get("teacher_from", {}).items():
+            totals["teacher_from"][k] += v
+    for side in ("student", "teacher"):
+        real, padded = totals[f"{side}_tokens"], totals[f"{side}_padded_tokens"]
+        totals[f"{side}_padding_fraction"] = round(1 - real / padded, 4) if padded else 0.0
     return totals

@@ -281,6 +281,33 @@ def _check_not_normalized(tokenizer: PreTrainedTokenizerBase, text: str) -> None
         )
 
 
+def token_bytes(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[bytes]:
+    """The raw bytes of each token id (byte-level BPE; added tokens give their content's bytes).
+
+    Concatenated, they are the UTF-8 text the tokens spell; one token may hold part of a
+    multi-byte character. Raises ValueError for a tokenizer that is not byte-level BPE.
+    """
+    return _token_bytes(tokenizer, list(ids))
+
+
+def spans_from_bytes(pieces: list[bytes], text: str) -> list[tuple[int, int]]:
+    """Character span `[start, end)` of each byte piece, where `b"".join(pieces)` is `text`
+    encoded as UTF-8. The spans tile the text; a character split across pieces belongs to the
+    piece holding its last byte (the rule of `encode_with_offsets`)."""
+    # Byte offset at which each character ends; the walk assigns a character to the first
+    # token whose end reaches it, i.e. to the token holding its last byte.
+    char_ends = list(accumulate(len(ch.encode("utf-8")) for ch in text))
+    offsets: list[tuple[int, int]] = []
+    char, byte_end = 0, 0
+    for piece in pieces:
+        byte_end += len(piece)
+        start = char
+        while char < len(char_ends) and char_ends[char] <= byte_end:
+            char += 1
+        offsets.append((start, char))
+    return offsets
+
+
 def encode_with_offsets(
     tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool = False
 ) -> tuple[list[int], list[tuple[int, int]]]:
@@ -312,17 +339,7 @@ def encode_with_offsets(
             "the tokens' bytes do not reproduce the text (a normalizer, stripping added tokens "
             "or a non-byte-level tokenizer); cannot compute exact offsets"
         )
-    # Byte offset at which each character ends; the walk assigns a character to the first
-    # token whose end reaches it, i.e. to the token holding its last byte.
-    char_ends = list(accumulate(len(ch.encode("utf-8")) for ch in text))
-    offsets: list[tuple[int, int]] = []
-    char, byte_end = 0, 0
-    for piece in pieces:
-        byte_end += len(piece)
-        start = char
-        while char < len(char_ends) and char_ends[char] <= byte_end:
-            char += 1
-        offsets.append((start, char))
+    offsets = spans_from_bytes(pieces, text)
 
     if add_special_tokens:
         full = list(tokenizer.encode(text, add_special_tokens=True))

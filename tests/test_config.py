@@ -35,9 +35,18 @@ def _flat(d, prefix=""):
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(None, ["select.beta=0.05", "mesh.fsdp=4", "student.path=/x/y",
-                             "select.splitter.kind=newline", "filters.tool_markers=[a, b]",
-                             "select.budget=50000", "run_dir=2026"])
+    cfg = load_config(
+        None,
+        [
+            "select.beta=0.05",
+            "mesh.fsdp=4",
+            "student.path=/x/y",
+            "select.splitter.kind=newline",
+            "filters.tool_markers=[a, b]",
+            "select.budget=50000",
+            "run_dir=2026",
+        ],
+    )
     assert cfg.select.beta == 0.05 and cfg.mesh.fsdp == 4 and cfg.student.path == "/x/y"
     assert cfg.select.splitter.kind == "newline"
     assert cfg.filters.tool_markers == ("a", "b")

@@ -1,0 +1,188 @@
+"""The select stage's human report: Markdown tables and PNG plots (matplotlib, no screen).
+
+Consumes the stage's summary (counts per domain and temperature, per-filter drops,
+sentence-type counts), its per-candidate records and the sentence reservoir; produces
+`report.md` and `plots/`:
+- `das_scores.png`: histograms of Teacher-sentence count and ratio, all scored vs selected;
+- `sentence_types.png`: sentence-type shares per domain @ temperature;
+- `filters.png`: candidates dropped per filter reason;
+- `scatter.png`: teacher vs student sentence probability (a seeded sample of sentences),
+  coloured by type, with the p_T - p_S = +-beta lines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dasd_jax.records import atomic_write
+
+_COLORS = {1: "tab:red", 2: "tab:blue", 0: "tab:gray"}
+_LABELS = {1: "Teacher", 2: "Student", 0: "Shared"}
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plots(out_dir: Path, summary: dict, seen: list, kept: dict, acc) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pdir = out_dir / "plots"
+    pdir.mkdir(parents=True, exist_ok=True)
+    made = []
+
+    scored = [s for s in seen if s.stats is not None]
+    sel = [s for s in scored if (s.prompt_id, s.index) in kept]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, attr, title in (
+        (axes[0], "n_teacher", "Teacher sentences per response"),
+        (axes[1], "teacher_ratio", "Teacher-sentence ratio"),
+    ):
+        a = [getattr(s.stats, attr) for s in scored]
+        b = [getattr(s.stats, attr) for s in sel]
+        bins = np.histogram_bin_edges(a or [0], bins=20)
+        ax.hist(a, bins=bins, alpha=0.5, label=f"all scored ({len(a)})")
+        ax.hist(b, bins=bins, alpha=0.7, label=f"selected ({len(b)})")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    _save(fig, pdir / "das_scores.png")
+    made.append("plots/das_scores.png")
+
+    groups = summary["sentences"]["by_domain_temperature"]
+    if groups:
+        names = list(groups)
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names)), 3.5))
+        bottom = np.zeros(len(names))
+        for kind in ("teacher", "shared", "student", "unscored"):
+            counts = np.array([groups[g].get(kind, 0) for g in names], float)
+            totals = np.array([max(sum(groups[g].values()), 1) for g in names], float)
+            ax.bar(names, counts / totals, bottom=bottom, label=kind)
+            bottom += counts / totals
+        ax.set_ylabel("share of sentences")
+        ax.legend(fontsize=8)
+        ax.tick_params(axis="x", rotation=30)
+        _save(fig, pdir / "sentence_types.png")
+        made.append("plots/sentence_types.png")
+
+    drops = {k: v for k, v in summary["filters"].items() if k not in ("kept", "rejected", "total")}
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(drops) + 2), 3.2))
+    ax.bar(list(drops) or ["(none)"], list(drops.values()) or [0])
+    ax.set_ylabel("candidates")
+    ax.set_title("dropped per filter reason")
+    ax.tick_params(axis="x", rotation=30)
+    _save(fig, pdir / "filters.png")
+    made.append("plots/filters.png")
+
+    if acc.scatter:
+        pts = np.array(acc.scatter)
+        beta = summary["config"]["select"]["beta"]
+        fig, ax = plt.subplots(figsize=(4.6, 4.4))
+        for kind in (0, 2, 1):
+            m = pts[:, 2] == kind
+            ax.scatter(
+                pts[m, 1],
+                pts[m, 0],
+                s=4,
+                alpha=0.5,
+                c=_COLORS[kind],
+                label=f"{_LABELS[kind]} ({int(m.sum())})",
+            )
+        x = np.linspace(0, 1, 2)
+        ax.plot(x, x + beta, "k--", lw=0.7)
+        ax.plot(x, x - beta, "k--", lw=0.7)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("student sentence probability p_S")
+        ax.set_ylabel("teacher sentence probability p_T")
+        ax.legend(fontsize=7, markerscale=3)
+        _save(fig, pdir / "scatter.png")
+        made.append("plots/scatter.png")
+    return made
+
+
+def _table(rows: dict[str, dict], head: str) -> list[str]:
+    out = [f"| {head} | in | out |", "|---|---:|---:|"]
+    out += [f"| {k} | {v['in']} | {v['out']} |" for k, v in rows.items()]
+    return out
+
+
+def markdown(summary: dict, images: list[str]) -> str:
+    s = summary
+    cfg = s["config"]["select"]
+    lines = [
+        "# Select report",
+        "",
+        f"{s['candidates']} candidates of {s['prompts']} prompts -> **{s['selected']} "
+        f"selected**; {s['rejects']} rejects; {s['empty_prompts']} prompts lost every "
+        f"candidate to the filters; {s['over_budget_prompts']} prompts left out by the budget; "
+        f"{s['bad_rows']} unreadable lines.",
+        "",
+        f"Rule `{cfg['rule']}`, beta {cfg['beta']}, top-k {cfg['top_k']}, budget "
+        f"{cfg['budget']} ({cfg['budget_mode']}), segments `{cfg['segments']}`, splitter "
+        f"`{cfg['splitter']['kind']}`.",
+        "",
+        "## Rows in / out",
+        "",
+        *_table(s["rows"]["by_domain"], "domain"),
+        "",
+        *_table(s["rows"]["by_temperature"], "temperature"),
+        "",
+        *_table(s["rows"]["by_domain_temperature"], "domain @ temperature"),
+        "",
+        "## Filters (a candidate with several reasons counts in each)",
+        "",
+        "| reason | candidates |",
+        "|---|---:|",
+        *[f"| {k} | {v} |" for k, v in s["filters"].items()],
+        "",
+        "Not kept by selection: "
+        + (", ".join(f"{k} {v}" for k, v in s["decisions"].items()) or "none")
+        + ".",
+        "",
+        "## Sentence types",
+        "",
+        "| group | teacher | shared | student | unscored |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, group in [
+        ("all scored", s["sentences"]["all"]),
+        ("selected", s["sentences"]["selected"]),
+        *s["sentences"]["by_domain_temperature"].items(),
+    ]:
+        lines.append(
+            f"| {name} | "
+            + " | ".join(str(group.get(k, 0)) for k in ("teacher", "shared", "student", "unscored"))
+            + " |"
+        )
+    lines += [
+        "",
+        f"Selected: mean Teacher-sentence count {s['selected_mean_teacher_count']}, "
+        f"mean ratio {s['selected_mean_teacher_ratio']}.",
+        "",
+        "## Plots",
+        "",
+    ]
+    lines += [f"![{Path(img).stem}]({img})" for img in images]
+    lines += [
+        "",
+        "Machine-readable: `summary.json`. Kept: `selected.jsonl`; dropped, with "
+        "reasons: `rejects.jsonl`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(out_dir: Path, summary: dict[str, Any], seen: list, kept: dict, acc) -> None:
+    images = plots(out_dir, summary, seen, kept, acc)
+    with atomic_write(out_dir / "report.md") as f:
+        f.write(markdown(summary, images))
