@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dasd_jax.models.qwen3 import REMAT_POLICIES, KVCache
-from dasd_jax.sharding import constrain
 
 
 @dataclass(frozen=True)
@@ -84,14 +83,6 @@ def stacked_weights(layers: nnx.Module) -> dict[str, jax.Array]:
         for name in vars(layers)
         if isinstance(getattr(layers, name), nnx.Param)
     }
-
-
-def init_cache(
-    num_layers: int, batch: int, max_length: int, kv_heads: int, head_dim: int, dtype, mesh
-) -> KVCache:
-    k = jnp.zeros((num_layers, batch, max_length, kv_heads, head_dim), dtype)
-    k = constrain(k, ("layers", "act_batch", "cache_seq", "act_kv_heads", "act_head_dim"), mesh)
-    return KVCache(k, k, jnp.zeros((batch,), jnp.int32))
 
 
 def scan_layers(

@@ -323,29 +323,12 @@ class Qwen3Layers(nnx.Module):
             setattr(self, name, _param(rngs, shape, LAYER_AXES[name], param_dtype, init))
 
 
-class Qwen3(nnx.Module):
-    """Qwen3ForCausalLM. `mesh` (optional) steers activation sharding."""
+class CausalLM(nnx.Module):
+    """The public methods every decoder here shares (Qwen3, Qwen3-MoE, gpt-oss).
 
-    def __init__(
-        self,
-        cfg: Qwen3Config,
-        opts: ModelOptions = ModelOptions(),
-        *,
-        rngs: nnx.Rngs,
-        mesh: Mesh | None = None,
-    ):
-        self.cfg = cfg
-        self.opts = opts
-        self.mesh = mesh
-        pdt = jnp.dtype(opts.param_dtype)
-        V, D = cfg.vocab_size, cfg.hidden_size
-        self.embed_tokens = _param(rngs, (V, D), ("vocab", "embed"), pdt)
-        self.layers = Qwen3Layers(cfg, pdt, rngs)
-        self.norm = _param(rngs, (D,), ("norm",), pdt, "ones")
-        if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), pdt)
-
-    # ---- public API
+    A subclass sets `cfg`, `opts`, `mesh`, `embed_tokens` (+ `lm_head` when untied) and
+    implements `hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache)`.
+    """
 
     def __call__(
         self,
@@ -381,6 +364,29 @@ class Qwen3(nnx.Module):
             axes = ("layers", "act_batch", "cache_seq", "act_kv_heads", "act_head_dim")
             k = constrain(k, axes, self.mesh)
         return KVCache(k, k, jnp.zeros((batch,), jnp.int32))
+
+
+class Qwen3(CausalLM):
+    """Qwen3ForCausalLM. `mesh` (optional) steers activation sharding."""
+
+    def __init__(
+        self,
+        cfg: Qwen3Config,
+        opts: ModelOptions = ModelOptions(),
+        *,
+        rngs: nnx.Rngs,
+        mesh: Mesh | None = None,
+    ):
+        self.cfg = cfg
+        self.opts = opts
+        self.mesh = mesh
+        pdt = jnp.dtype(opts.param_dtype)
+        V, D = cfg.vocab_size, cfg.hidden_size
+        self.embed_tokens = _param(rngs, (V, D), ("vocab", "embed"), pdt)
+        self.layers = Qwen3Layers(cfg, pdt, rngs)
+        self.norm = _param(rngs, (D,), ("norm",), pdt, "ones")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), pdt)
 
     def hidden_states(
         self,

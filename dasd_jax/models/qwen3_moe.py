@@ -44,6 +44,7 @@ from dasd_jax.models.qwen3 import (
     LAYER_AXES as QWEN3_LAYER_AXES,
 )
 from dasd_jax.models.qwen3 import (
+    CausalLM,
     KVCache,
     ModelOptions,
     Qwen3Config,
@@ -211,7 +212,7 @@ class Qwen3MoeLayers(nnx.Module):
             setattr(self, name, _param(rngs, shape, LAYER_AXES[name], param_dtype, init))
 
 
-class Qwen3Moe(nnx.Module):
+class Qwen3Moe(CausalLM):
     """Qwen3MoeForCausalLM. `mesh` (optional) steers activation sharding and expert parallelism."""
 
     def __init__(
@@ -232,41 +233,6 @@ class Qwen3Moe(nnx.Module):
         self.norm = _param(rngs, (D,), ("norm",), pdt, "ones")
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), pdt)
-
-    def __call__(
-        self,
-        tokens_BT: jax.Array,
-        positions_BT: jax.Array | None = None,
-        segment_ids_BT: jax.Array | None = None,
-        cache: KVCache | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """fp32 logits [B, T, V] and the updated cache (short T; scoring uses hidden_states)."""
-        hidden_BTD, cache = self.hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache)
-        return self.logits(hidden_BTD), cache
-
-    def unembed_DV(self) -> jax.Array:
-        dt = jnp.dtype(self.opts.dtype)
-        if self.cfg.tie_word_embeddings:
-            return self.embed_tokens[...].astype(dt).T
-        return self.lm_head[...].astype(dt)
-
-    def logits(self, hidden_BTD: jax.Array) -> jax.Array:
-        logits_BTV = jnp.einsum(
-            "btd,dv->btv", hidden_BTD, self.unembed_DV(), preferred_element_type=jnp.float32
-        )
-        return constrain(logits_BTV, ("act_batch", "act_seq", "act_vocab"), self.mesh)
-
-    def init_cache(self, batch: int, max_length: int, dtype: str | None = None) -> KVCache:
-        c = self.cfg
-        return decoder.init_cache(
-            c.num_hidden_layers,
-            batch,
-            max_length,
-            c.num_key_value_heads,
-            c.head_dim,
-            jnp.dtype(dtype or self.opts.dtype),
-            self.mesh,
-        )
 
     def hidden_states(
         self,
