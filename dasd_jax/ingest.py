@@ -1,7 +1,11 @@
 """Ingest: every input the `score` stage reads, turned into `schema.Candidate`s, streaming.
 
-Consumes one JSONL file of one of three kinds (`score.input_format`, `auto` detects it from
-the first row) and produces, line by line, `Candidate`s or `BadRow`s located by file and line:
+Consumes JSONL files of three kinds (`score.input_format`, `auto` detects it from each file's
+first row) and produces, line by line, `Candidate`s or `BadRow`s located by file and line.
+`input_files(score.input)` names the files, read in that order as one stream: one file; a
+folder (the sample stage's `t<T>/part-*.jsonl`, or the score stage's `part-*.jsonl`, or else
+every `*.jsonl` in it but `rejects.*` and `metrics.jsonl`); or a glob. Paths may be local or
+gs:// (`dasd_jax.storage`).
 
 - `sft`: the released SFT data, `uuid, input, output, domain, meta` (field names configurable).
   Optionally joined by uuid with the released teacher log-prob rows
@@ -17,10 +21,12 @@ the first row) and produces, line by line, `Candidate`s or `BadRow`s located by 
 
 Nothing is loaded whole. The log-prob join uses an on-disk index: one streaming pass over the
 log-prob file records `sample_uuid -> (byte offset, length, line)` in a SQLite file (standard
-library) cached under `<run_dir>/cache/`, keyed by the file's path, size and mtime, built
-under a temporary name and renamed into place; a lookup is one indexed query, one seek and
-one JSON parse of that row. A sorted merge would need both files sorted by uuid (they are not)
-and an external sort; the index costs one pass and ~100 bytes per row on disk.
+library) cached in a local folder (`<run_dir>/cache/`, or `storage.local_dir` of it when
+run_dir is gs://), keyed by the file's path, size and mtime, built under a temporary name
+and renamed into place (the log-prob file itself may be on gs://: lookups seek in it); a
+lookup is one indexed query, one seek and one JSON parse of that row. A sorted merge would
+need both files sorted by uuid (they are not) and an external sort; the index costs one pass
+and ~100 bytes per row on disk.
 
 Teacher token offsets (`align_teacher_tokens`): teacher tokens are turned into their bytes
 (`tokenizer.token_bytes` for ids, the server's `bytes` for dumps). gpt-oss writes harmony:
@@ -41,8 +47,10 @@ The chat formats used to score (Qwen3 ChatML, gpt-oss harmony) are in `chat.py`.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -53,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dasd_jax import storage
 from dasd_jax.records import BadRow
 from dasd_jax.schema import Candidate, TokenScores
 
@@ -67,9 +76,56 @@ _SPECIAL_RE = re.compile(r"<\|[A-Za-z0-9_]+\|>\Z")
 # ------------------------------------------------------------------------- reading lines
 
 
+log = logging.getLogger(__name__)
+
+SAMPLE_PARTS = "part-*.jsonl"  # what the sample and score stages call their data files
+_NOT_DATA = ("rejects.*", "metrics.jsonl")  # JSONL beside the data in a stage's folder
+
+
+def input_files(spec: str | Path) -> list[str]:
+    """The JSONL files `spec` names, in reading order (sorted by path), local or gs://.
+
+    A glob (`*`, `?`, `[...]`): the files it matches. A folder: the part files of the sample
+    stage (`t<T>/part-*.jsonl`) or of the score stage (`part-*.jsonl`) when it has any (their
+    stats, rejects and journals are skipped), else every `*.jsonl` in it except `rejects.*`
+    and `metrics.jsonl`. Anything else: that one file.
+    """
+    spec = os.fspath(spec)
+    if any(c in spec for c in "*?["):
+        files = storage.glob(spec)
+        if not files:
+            raise FileNotFoundError(f"score.input={spec!r}: no file matches this pattern")
+        return files
+    if storage.isdir(spec):
+        parts = storage.glob(storage.join(spec, SAMPLE_PARTS)) + storage.glob(
+            storage.join(spec, "*", SAMPLE_PARTS)
+        )
+        journals = storage.glob(storage.join(spec, "*", "part-*.journal"))
+        if journals:
+            log.warning(
+                "%s has %d unfinished sample shards (%s ...): their candidates are not read",
+                spec,
+                len(journals),
+                journals[0],
+            )
+        if parts:
+            return sorted(parts)
+        files = [
+            f
+            for f in storage.glob(storage.join(spec, "*.jsonl"))
+            if not any(fnmatch.fnmatch(os.path.basename(f), p) for p in _NOT_DATA)
+        ]
+        if not files:
+            raise FileNotFoundError(f"score.input={spec!r}: a folder with no JSONL file")
+        return files
+    if not storage.exists(spec):
+        raise FileNotFoundError(f"input file {spec} does not exist")
+    return [spec]
+
+
 def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, raw text) of each non-empty line, streaming."""
-    with Path(path).open("r", encoding="utf-8") as f:
+    with storage.open_read(path) as f:
         for n, raw in enumerate(f, start=1):
             if raw.strip():
                 yield n, raw
@@ -78,7 +134,7 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
 def count_lines(path: str | Path) -> int:
     """Non-empty lines, read in binary blocks (fast enough for multi-GB files)."""
     n = 0
-    with Path(path).open("rb") as f:
+    with storage.open_read(path, "rb") as f:
         for line in f:
             n += bool(line.strip())
     return n
@@ -128,18 +184,20 @@ class LogprobIndex:
     index (`uuid -> offset, length, line`). Duplicated uuids keep their first row."""
 
     def __init__(self, path: str | Path, cache_dir: str | Path):
-        self.path = Path(path)
-        if not self.path.exists():
+        self.path = os.fspath(path)  # local or gs://
+        if not storage.exists(self.path):
             raise FileNotFoundError(f"teacher log-prob file {self.path} does not exist")
-        st = self.path.stat()
-        key = f"{self.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{_INDEX_VERSION}"
+        size, mtime_ns = storage.stat(self.path)
+        where = self.path if storage.is_remote(self.path) else str(Path(self.path).resolve())
+        key = f"{where}|{size}|{mtime_ns}|{_INDEX_VERSION}"
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        self.index_path = Path(cache_dir) / f"logprob-index-{digest}.sqlite"
+        # SQLite needs a local file: the cache folder is local (storage.local_dir of gs://)
+        self.index_path = Path(storage.local_dir(cache_dir)) / f"logprob-index-{digest}.sqlite"
         if not self.index_path.exists():
             self._build()
         self._db = sqlite3.connect(f"file:{self.index_path}?mode=ro", uri=True)
         self.stats = dict(self._db.execute("SELECT key, value FROM stats").fetchall())
-        self._fh = self.path.open("rb")
+        self._fh = storage.open_read(self.path, "rb")
 
     def _build(self) -> None:
         self.index_path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +215,7 @@ class LogprobIndex:
             rows = duplicates = unreadable = 0
             batch: list[tuple[str, int, int, int]] = []
             offset = 0
-            with self.path.open("rb") as f:
+            with storage.open_read(self.path, "rb") as f:
                 for n, raw in enumerate(f, start=1):
                     size = len(raw)
                     if raw.strip():
@@ -368,7 +426,7 @@ class Reader:
             raise ValueError(f"input format must be one of {FORMATS}, got {fmt!r}")
         if logprobs is not None and fmt != "sft":
             raise ValueError("score.teacher_logprobs joins the released SFT format only")
-        self.path, self.fmt, self.opts = Path(path), fmt, opts
+        self.path, self.fmt, self.opts = os.fspath(path), fmt, opts
         self.logprobs = logprobs
         self._teacher_bytes = teacher_bytes  # callable () -> TokenBytes, loaded when needed
 

@@ -9,17 +9,20 @@ whole) and produces:
   renamed into place when complete, so a killed job never leaves a half-written file under
   its final name. Stages write their output as numbered shards this way; on restart a shard
   that exists is finished work and is skipped.
+
+Paths may be local or `gs://` (read and written through `dasd_jax.storage`, which gives
+gs:// objects the same "exists under its final name => complete" guarantee).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from dasd_jax import storage
 
 
 class BadRow(ValueError):
@@ -44,10 +47,8 @@ def iter_jsonl(
     """
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"input file {path} does not exist")
-    with path.open("r", encoding="utf-8") as f:
+    path = os.fspath(path)
+    with storage.open_read(path) as f:  # FileNotFoundError naming the file
         for n, raw in enumerate(f, start=1):
             if n < start_line or not raw.strip():
                 continue
@@ -78,22 +79,10 @@ def require_fields(row: dict, fields: dict[str, type], path: str | Path, line: i
             )
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary sibling of `path` for writing; rename it to `path` on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def atomic_write(path: str | Path, mode: str = "w"):
+    """A file object for `path` that appears complete or not at all (`storage.atomic_write`:
+    a temporary sibling renamed into place locally; an upload then a copy on gs://)."""
+    return storage.atomic_write(path, mode)
 
 
 def write_jsonl(path: str | Path, rows) -> int:

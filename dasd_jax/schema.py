@@ -121,39 +121,36 @@ class SFTRecord:
 
 
 def write_sft_records(path: str | Path, records: Iterable[SFTRecord]) -> int:
-    """Write an ArrayRecord file atomically (temporary name, then rename); returns count."""
-    import os
-    import tempfile
-
+    """Write an ArrayRecord file atomically, locally or to gs:// (`storage.atomic_path`: a
+    local temporary file, renamed or uploaded when complete); returns the count."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    from dasd_jax import storage
+
     n = 0
-    try:
+    with storage.atomic_path(path) as tmp:
         writer = ArrayRecordWriter(tmp, "group_size:1")
-        for r in records:
-            writer.write(r.to_bytes())
-            n += 1
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        try:
+            for r in records:
+                writer.write(r.to_bytes())
+                n += 1
+        finally:
+            writer.close()
     return n
 
 
 def read_sft_records(path: str | Path) -> Iterator[SFTRecord]:
-    """Read every record of an ArrayRecord file, in order."""
+    """Read every record of an ArrayRecord file, in order (local, or gs:// through
+    array_record's own Cloud Storage reader)."""
+    import os
+
     from array_record.python.array_record_module import ArrayRecordReader
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"SFT record file {path} does not exist")
-    reader = ArrayRecordReader(str(path))
+    from dasd_jax import storage
+
+    if not storage.exists(path):
+        raise FileNotFoundError(f"SFT record file {os.fspath(path)} does not exist")
+    reader = ArrayRecordReader(os.fspath(path))
     try:
         for i in range(reader.num_records()):
             yield SFTRecord.from_bytes(reader.read([i])[0])

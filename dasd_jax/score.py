@@ -1,25 +1,32 @@
 """The `score` stage: per-token log-probs of every candidate under the student (always) and
 the teacher (when its log-probs were not recorded).
 
-Consumes `score.input` (JSONL; "" = the embedded demo rows) in one of the forms `ingest`
-reads: the released SFT rows (optionally joined by uuid with the released teacher log-prob
-rows, `score.teacher_logprobs`), the sample stage's Candidate JSONL, or OpenAI-compatible
-server dumps; the student (`student.path`, an HF folder; "" = the embedded tiny Qwen3) and,
-for candidates without teacher log-probs, the teacher (`teacher.path`; "" = the embedded tiny
-teacher).
+Consumes `score.input` ("" = the embedded demo rows): one JSONL file, a folder (the sample
+stage's `<run_dir>/sample/` with its `t<T>/part-*.jsonl`, or any folder of JSONL files) or a
+glob, read in sorted file order as one stream (`ingest.input_files`), local or gs://. Each
+file is in one of the forms `ingest` reads (detected per file): the released SFT rows
+(optionally joined by uuid with the released teacher log-prob rows, `score.teacher_logprobs`),
+the sample stage's Candidate JSONL, or OpenAI-compatible server dumps. Also the student
+(`student.path`, an HF folder; "" = the embedded tiny Qwen3) and, for candidates without
+teacher log-probs, the teacher (`teacher.path`; "" = the embedded tiny teacher).
 
-Produces, under `<run_dir>/score/`:
+Produces, under `<run_dir>/score/` (local or gs://):
 - `part-NNNNNN.jsonl`: one `schema.Candidate` per line (input order within the shard), with
   `student` and `teacher` `TokenScores`: response token ids, log p(token | prompt, earlier
   response tokens) in fp32, and response-relative character spans; `student.n_prompt_tokens`.
-- `part-NNNNNN.stats.json`: the shard's counts (lines, candidates, rejects, tokens, padding).
-- `rejects.part-NNNNNN.jsonl`: `{line, id, reason}` for every line or candidate not scored
-  (malformed, missing field, log-prob length mismatch, unknown uuid in the join, teacher text
-  mismatch, too long) when `score.on_bad_row=skip`; with `error` the run stops at the first
-  one with `file:line: reason`.
-- `summary.json` (process 0), `metrics.jsonl` (progress: rows/s, tokens/s, ETA, padding).
+- `part-NNNNNN.stats.json`: the shard's counts (lines, candidates, rejects, tokens, padding),
+  also per input file.
+- `rejects.part-NNNNNN.jsonl`: `{file, line, id, reason}` for every line or candidate not
+  scored (malformed, missing field, log-prob length mismatch, unknown uuid in the join,
+  teacher text mismatch, too long) when `score.on_bad_row=skip`; with `error` the run stops
+  at the first one with `file:line: reason`.
+- `summary.json` (process 0): totals, per input file, and `counts` {in, out, rejected} with
+  in = candidates read + unreadable lines = out + rejected; `metrics.jsonl` (progress: rows/s,
+  tokens/s, ETA, padding; appended locally, under `storage.local_dir` when run_dir is gs://,
+  and uploaded at the end of the run).
 
-How: the input is cut into shards of `score.rows_per_shard` lines; process p of P takes shards
+How: the input stream is cut into shards of `score.rows_per_shard` lines (a shard may span
+two files: the cut depends only on the sorted files' lines); process p of P takes shards
 p, p+P, ... and scores them on a mesh of its own devices (scoring needs no cross-host
 collective). A shard whose part file exists is done and skipped on restart; every file is
 written under a temporary name and renamed, the part file last, so a kill at any point loses
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dasd_jax import chat, ingest
+from dasd_jax import chat, ingest, storage
 from dasd_jax.config import Config, ModelConfig
 from dasd_jax.logprobs import sequence_logprobs
 from dasd_jax.progress import Progress
@@ -66,18 +74,22 @@ class Encoded:
     spans: list[tuple[int, int]]  # response-relative character spans of the response tokens
 
 
-def resolve_inputs(cfg: Config) -> tuple[Path, Path]:
-    """(student folder, input JSONL), materialising the embedded defaults when empty."""
+def resolve_inputs(cfg: Config) -> tuple[Path, list[str]]:
+    """(student folder, input JSONL files in reading order), materialising the embedded
+    defaults when empty."""
     from dasd_jax import embedded
 
-    student = Path(cfg.student.path) if cfg.student.path else embedded.tiny_student()
+    # a gs:// model folder is copied to the local cache (weights are memory-mapped)
+    student = (
+        Path(storage.download_dir(cfg.student.path))
+        if cfg.student.path
+        else embedded.tiny_student()
+    )
     if cfg.score.input:
-        data = Path(cfg.score.input)
-    else:
-        data = embedded.write_demo_rows(
-            Path(cfg.run_dir) / "inputs" / "demo.jsonl", embedded.demo_candidate_rows()
-        )
-    return student, data
+        return student, ingest.input_files(cfg.score.input)
+    inputs = storage.local_dir(storage.join(cfg.run_dir, "inputs"))
+    data = embedded.write_demo_rows(Path(inputs) / "demo.jsonl", embedded.demo_candidate_rows())
+    return student, [str(data)]
 
 
 def _round_up(n: int, m: int) -> int:
@@ -116,6 +128,15 @@ def _token_logprobs(model, tokens, positions, segments, chunk_size: int):
     return sequence_logprobs(model, tokens, positions, segments, chunk_size=chunk_size)[0]
 
 
+def chunk_positions(chunk_tokens: int, rows: int, batch_ways: int) -> int:
+    """Positions per log-prob chunk so that one device holds about `chunk_tokens` rows x
+    positions of fp32 logits at a time ([rows per device, C, V]): 1024 positions for one 64K
+    row, 16 for 64 short rows. A power of two (fewer compiles), at least 8."""
+    per_device = max(1, -(-rows // max(1, batch_ways)))
+    c = max(8, chunk_tokens // per_device)
+    return 1 << (c.bit_length() - 1)
+
+
 class ModelScorer:
     """Loads one model once; `score(ids, padded, rows)` returns per-token log-probs."""
 
@@ -137,7 +158,11 @@ class ModelScorer:
         sh = batch_sharding(self.mesh)
         put = lambda a: jax.device_put(jnp.asarray(a), sh)  # noqa: E731
         out = _token_logprobs(
-            self.model, put(tokens), put(positions), put(segments), chunk_size=self.chunk_size
+            self.model,
+            put(tokens),
+            put(positions),
+            put(segments),
+            chunk_size=chunk_positions(self.chunk_size, rows, self.dp),
         )
         return np.asarray(jax.device_get(out))
 
@@ -222,14 +247,16 @@ def model_template(path: Path, requested: str) -> str:
     return "harmony" if model_type == "gpt_oss" else "chatml"
 
 
-def _raw_shards(path: Path, rows_per_shard: int):
-    """Yield (shard index, [(line, raw text)]) from a streaming read of the input."""
+def _raw_shards(files: list[str], rows_per_shard: int):
+    """Yield (shard index, [(file index, line, raw text)]) from a streaming read of the
+    files, in order, as one stream."""
     shard, buf = 0, []
-    for line, raw in ingest.iter_lines(path):
-        buf.append((line, raw))
-        if len(buf) == rows_per_shard:
-            yield shard, buf
-            shard, buf = shard + 1, []
+    for fi, path in enumerate(files):
+        for line, raw in ingest.iter_lines(path):
+            buf.append((fi, line, raw))
+            if len(buf) == rows_per_shard:
+                yield shard, buf
+                shard, buf = shard + 1, []
     if buf:
         yield shard, buf
 
@@ -237,7 +264,7 @@ def _raw_shards(path: Path, rows_per_shard: int):
 class _Context:
     """What a run loads once: sides, the log-prob index, the reader."""
 
-    def __init__(self, cfg: Config, student_path: Path, data_path: Path):
+    def __init__(self, cfg: Config, student_path: Path, files: list[str]):
         from dasd_jax import embedded
 
         sc = cfg.score
@@ -247,15 +274,18 @@ class _Context:
         self.student = Side("student", student_path, cfg.student, "chatml", cfg, self.mesh)
         self._teacher: Side | None = None
         self._teacher_bytes: ingest.TokenBytes | None = None
-        self.teacher_path = Path(cfg.teacher.path) if cfg.teacher.path else None
+        self.teacher_path = (
+            Path(storage.download_dir(cfg.teacher.path)) if cfg.teacher.path else None
+        )  # gs://: a copy in the local cache
         self._embedded_teacher = embedded.tiny_teacher
-        fmt = sc.input_format if sc.input_format != "auto" else ingest.detect_format(data_path)
-        self.fmt = fmt
+        self.files = files
+        self.formats: dict[int, str] = {}  # file index -> format, detected when first read
+        self._readers: dict[int, ingest.Reader] = {}
         self.index = None
         if sc.teacher_logprobs:
-            cache = Path(sc.index_dir) if sc.index_dir else Path(cfg.run_dir) / "cache"
+            cache = sc.index_dir or storage.join(cfg.run_dir, "cache")  # kept local (ingest)
             self.index = ingest.LogprobIndex(sc.teacher_logprobs, cache)
-        opts = ingest.IngestOptions(
+        self.opts = ingest.IngestOptions(
             prompt_field=sc.prompt_field,
             response_field=sc.response_field,
             id_field=sc.id_field,
@@ -264,7 +294,20 @@ class _Context:
             temperature=sc.temperature,
             teacher_name=str(self.teacher_path) if self.teacher_path else "teacher",
         )
-        self.reader = ingest.Reader(data_path, fmt, opts, self.index, self.teacher_bytes)
+
+    def reader(self, fi: int) -> ingest.Reader:
+        """The reader of input file `fi` (its format: `score.input_format`, or detected)."""
+        if fi not in self._readers:
+            path, fmt = self.files[fi], self.cfg.score.input_format
+            if fmt == "auto":
+                fmt = ingest.detect_format(path)
+            self.formats[fi] = fmt
+            self._readers[fi] = ingest.Reader(path, fmt, self.opts, self.index, self.teacher_bytes)
+        return self._readers[fi]
+
+    def format_summary(self) -> str:
+        fmts = set(self.formats.values())
+        return fmts.pop() if len(fmts) == 1 else ("mixed" if fmts else self.cfg.score.input_format)
 
     @property
     def teacher(self) -> Side:
@@ -282,10 +325,10 @@ class _Context:
             from dasd_jax.tokenizer import build_gpt_oss_tokenizer
 
             sc = self.cfg.score
+            teacher = self.cfg.teacher.path and storage.download_dir(self.cfg.teacher.path)
             folder = sc.teacher_tokenizer or (
-                self.cfg.teacher.path
-                if self.cfg.teacher.path
-                and (Path(self.cfg.teacher.path) / "tokenizer.json").exists()
+                teacher  # as given; a gs:// folder's local copy
+                if teacher and (Path(teacher) / "tokenizer.json").exists()
                 else build_gpt_oss_tokenizer()
             )
             self._teacher_bytes = ingest.TokenBytes(folder)
@@ -295,38 +338,48 @@ class _Context:
 def _score_shard(
     ctx: _Context,
     shard: int,
-    lines: list[tuple[int, str]],
-    out_dir: Path,
+    lines: list[tuple[int, int, str]],
+    out_dir: str,
     progress: Progress,
-    data_path: Path,
 ) -> dict:
     sc = ctx.cfg.score
     rejects: list[dict] = []
     cands: list[Candidate] = []
-    lines_of: list[int] = []
+    where_of: list[tuple[int, int]] = []  # (file index, line) of each candidate
+    per_file: dict[int, dict[str, int]] = {}
 
-    def bad(line: int, err: Exception, cand_id: str | None = None) -> None:
+    def file_counts(fi: int) -> dict[str, int]:
+        return per_file.setdefault(
+            fi, {"lines": 0, "bad_lines": 0, "candidates": 0, "rows_out": 0, "rejects": 0}
+        )
+
+    def bad(fi: int, line: int, err: Exception, cand_id: str | None = None) -> None:
         if sc.on_bad_row == "error":
             if isinstance(err, BadRow):
                 raise err
-            raise BadRow(data_path, line, str(err)) from err
+            raise BadRow(ctx.files[fi], line, str(err)) from err
+        file_counts(fi)["rejects"] += 1
         rejects.append(
             {
+                "file": ctx.files[fi],
                 "line": line,
                 "id": cand_id,
                 "reason": err.reason if isinstance(err, BadRow) else str(err),
             }
         )
 
-    for line, raw in lines:
+    for fi, line, raw in lines:
+        file_counts(fi)["lines"] += 1
         try:
-            got = ctx.reader.candidates(line, raw)
+            got = ctx.reader(fi).candidates(line, raw)
         except BadRow as e:
-            bad(line, e)
+            file_counts(fi)["bad_lines"] += 1
+            bad(fi, line, e)
             continue
+        file_counts(fi)["candidates"] += len(got)
         for c in got:
             cands.append(c)
-            lines_of.append(line)
+            where_of.append((fi, line))
 
     counts = {
         k: 0
@@ -361,7 +414,7 @@ def _score_shard(
                         f"too_long: {len(et.ids)} teacher tokens > score.max_tokens={sc.max_tokens}"
                     )
         except ValueError as e:
-            bad(lines_of[k], e, cid)
+            bad(*where_of[k], e, cid)
             continue
         enc_s.append(es)
         if et is not None:
@@ -403,46 +456,55 @@ def _score_shard(
         else:
             teacher_from["none"] += 1
         out_lines.append(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
+        file_counts(where_of[k][0])["rows_out"] += 1
     progress.update(len(lines))
 
     stats = {
         "shard": shard,
         "rows_in": len(lines),
+        "bad_lines": sum(f["bad_lines"] for f in per_file.values()),
         "candidates": len(cands),
         "rows_out": len(out_lines),
         "rejects": len(rejects),
         "teacher_from": teacher_from,
         **counts,
+        "files": {ctx.files[fi]: c for fi, c in sorted(per_file.items())},
     }
     # rejects and stats first: the part file is the shard's completion marker
-    with atomic_write(out_dir / f"rejects.{shard_name(shard)}") as f:
+    with atomic_write(storage.join(out_dir, f"rejects.{shard_name(shard)}")) as f:
         for r in rejects:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    write_json(out_dir / shard_name(shard).replace(".jsonl", ".stats.json"), stats)
-    with atomic_write(out_dir / shard_name(shard)) as f:
+    write_json(storage.join(out_dir, shard_name(shard).replace(".jsonl", ".stats.json")), stats)
+    with atomic_write(storage.join(out_dir, shard_name(shard))) as f:
         f.writelines(out_lines)
     return stats
 
 
 def run(cfg: Config) -> dict:
     """Score every candidate of `score.input`; returns the summary."""
-    out_dir = Path(cfg.run_dir) / "score"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    student_path, data_path = resolve_inputs(cfg)
-    ctx = _Context(cfg, student_path, data_path)
+    out_dir = storage.join(cfg.run_dir, "score")  # local or gs://
+    storage.makedirs(out_dir)
+    student_path, files = resolve_inputs(cfg)
+    ctx = _Context(cfg, student_path, files)
     n_proc, proc = jax.process_count(), jax.process_index()
-    progress = Progress("score", ingest.count_lines(data_path), out_dir / "metrics.jsonl")
+    # progress lines are appended: a local file (a mirror when out_dir is gs://), uploaded below
+    metrics_name = "metrics.jsonl" if proc == 0 else f"metrics.process{proc}.jsonl"
+    metrics = Path(storage.local_dir(out_dir)) / metrics_name
+    progress = Progress("score", sum(ingest.count_lines(f) for f in files), metrics)
     t0 = time.perf_counter()
     skipped_shards = 0
-    for shard, lines in _raw_shards(data_path, cfg.score.rows_per_shard):
+    done = {os.path.basename(f) for f in storage.glob(storage.join(out_dir, "part-*.jsonl"))}
+    for shard, lines in _raw_shards(files, cfg.score.rows_per_shard):
         if shard % n_proc != proc:
             continue
-        if (out_dir / shard_name(shard)).exists():
+        if shard_name(shard) in done:
             skipped_shards += 1
             progress.update(len(lines))
             continue
-        _score_shard(ctx, shard, lines, out_dir, progress, data_path)
+        _score_shard(ctx, shard, lines, out_dir, progress)
     progress.report()
+    if storage.is_remote(out_dir):
+        storage.copy(metrics, storage.join(out_dir, metrics_name))
     if n_proc > 1:  # every host's shards are written before process 0 sums them
         from jax.experimental import multihost_utils
 
@@ -452,24 +514,25 @@ def run(cfg: Config) -> dict:
         seconds=round(time.perf_counter() - t0, 2),
         skipped_shards=skipped_shards,
         student=str(student_path),
-        input=str(data_path),
-        input_format=ctx.fmt,
+        input=cfg.score.input or files[0],
+        input_files=len(files),
+        input_format=ctx.format_summary(),
         teacher=str(ctx.teacher_path) if ctx.teacher_path else None,
     )
     if ctx.index is not None:
         summary["logprob_index"] = {"path": str(ctx.index.index_path), **ctx.index.stats}
         ctx.index.close()
     if proc == 0:
-        write_json(out_dir / "summary.json", summary)
+        write_json(storage.join(out_dir, "summary.json"), summary)
         print_table(out_dir)
     return summary
 
 
-def print_table(out_dir: Path, limit: int = 12) -> None:
+def print_table(out_dir: str | Path, limit: int = 12) -> None:
     """A few scored candidates, for a human reading the run's output."""
     rows = []
-    for f in sorted(out_dir.glob("part-*.jsonl")):
-        with f.open() as fh:
+    for f in storage.glob(storage.join(out_dir, "part-*.jsonl")):
+        with storage.open_read(f) as fh:
             for line in fh:
                 rows.append(json.loads(line))
                 if len(rows) >= limit:
@@ -495,9 +558,12 @@ def print_table(out_dir: Path, limit: int = 12) -> None:
         )
 
 
-def summarize(out_dir: Path) -> dict:
+def summarize(out_dir: str | Path) -> dict:
+    """Totals over the finished shards (those whose part file exists), per input file too;
+    `counts`: in = candidates read + unreadable lines = out (scored) + rejected."""
     keys = (
         "rows_in",
+        "bad_lines",
         "candidates",
         "rows_out",
         "rejects",
@@ -511,16 +577,28 @@ def summarize(out_dir: Path) -> dict:
         **{k: 0 for k in keys},
         "teacher_from": {"logprobs": 0, "model": 0, "none": 0},
     }
-    for f in sorted(out_dir.glob("part-*.stats.json")):
-        if not (out_dir / f.name.replace(".stats.json", ".jsonl")).exists():
+    files: dict[str, dict[str, int]] = {}
+    parts = set(storage.glob(storage.join(out_dir, "part-*.jsonl")))
+    for f in storage.glob(storage.join(out_dir, "part-*.stats.json")):
+        if f.replace(".stats.json", ".jsonl") not in parts:
             continue
-        s = json.loads(f.read_text())
+        s = json.loads(storage.read_text(f))
         totals["shards"] += 1
         for k in keys:
             totals[k] += s.get(k, 0)
         for k, v in s.get("teacher_from", {}).items():
             totals["teacher_from"][k] += v
+        for name, c in s.get("files", {}).items():
+            mine = files.setdefault(name, {})
+            for k, v in c.items():
+                mine[k] = mine.get(k, 0) + v
     for side in ("student", "teacher"):
         real, padded = totals[f"{side}_tokens"], totals[f"{side}_padded_tokens"]
         totals[f"{side}_padding_fraction"] = round(1 - real / padded, 4) if padded else 0.0
+    totals["files"] = dict(sorted(files.items()))
+    totals["counts"] = {
+        "in": totals["candidates"] + totals["bad_lines"],
+        "out": totals["rows_out"],
+        "rejected": totals["rejects"],
+    }
     return totals

@@ -27,16 +27,26 @@ Object stores have no folders: `makedirs` is a no-op there and a "folder" exists
 object is under it. `glob` does not take `**` (it could mean thousands of listing requests).
 Cloud Storage has no append either: a file that grows (metrics.jsonl) is written locally or
 rewritten whole.
+
+What a stage must keep local lives under `local_dir(path)`: `path` itself when local, else a
+mirror folder under the local cache (`$DASD_JAX_CACHE`, default `~/.cache/dasd_jax/remote/`,
+then the bucket and key). SQLite indexes, progress/metrics files and TensorBoard event files
+go there; `copy(local, remote)` and `upload_dir` publish them with the same atomic rule.
+A folder published with `upload_dir(..., last=NAME)` is complete once NAME exists in it.
+How a stage does its file I/O with these helpers: docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import io
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any
 
 from etils import epath
@@ -56,6 +66,13 @@ def as_path(path: PathLike) -> epath.Path:
 
 def exists(path: PathLike) -> bool:
     return as_path(path).exists()
+
+
+def isdir(path: PathLike) -> bool:
+    """A local folder, or a gs:// prefix with objects under it."""
+    if not is_remote(path):
+        return os.path.isdir(path)
+    return as_path(path).is_dir()
 
 
 def makedirs(path: PathLike) -> None:
@@ -156,3 +173,119 @@ def _publish_remote(local_file: str, dst: epath.Path) -> None:
             if tmp_obj.exists():
                 tmp_obj.unlink()
         raise
+
+
+def join(path: PathLike, *parts: str) -> str:
+    """`path/part/...` as a string (keeps `gs://`; `pathlib.Path` would fold it to `gs:/`)."""
+    return os.fspath(as_path(path).joinpath(*parts)) if parts else os.fspath(path)
+
+
+def walk_files(path: PathLike) -> list[str]:
+    """Sorted relative names ("sub/name") of every file under folder `path`, local or gs://
+    (one listing per prefix level; [] when there is nothing there)."""
+    path = os.fspath(path)
+    if not is_remote(path):
+        return sorted(
+            os.path.relpath(os.path.join(root, f), path)
+            for root, _, files in os.walk(path)
+            for f in files
+        )
+    if not isdir(path):
+        return []
+    base = path.split("://", 1)[1].rstrip("/")
+    names = []
+    for root, _, files in as_path(path).walk():
+        root = os.fspath(root)  # fsspec yields "bucket/key", without the scheme
+        rel = root.split("://", 1)[-1].rstrip("/").removeprefix(base).lstrip("/")
+        names += [f"{rel}/{f}" if rel else f for f in files if f]
+    return sorted(names)
+
+
+def read_text(path: PathLike) -> str:
+    with open_read(path) as f:
+        return f.read()
+
+
+def unlink(path: PathLike, missing_ok: bool = True) -> None:
+    """Delete one file or object."""
+    if not is_remote(path):
+        Path(path).unlink(missing_ok=missing_ok)
+        return
+    p = as_path(path)
+    if missing_ok and not p.exists():
+        return
+    p.unlink()
+
+
+def stat(path: PathLike) -> tuple[int, int]:
+    """(size in bytes, modification time in ns; 0 where the store does not say)."""
+    if not is_remote(path):
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    st = as_path(path).stat()
+    return int(st.length or 0), int(st.mtime or 0) * 10**9
+
+
+def cache_root() -> str:
+    """The local cache of this machine: `$DASD_JAX_CACHE`, else `~/.cache/dasd_jax`."""
+    return os.environ.get("DASD_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "dasd_jax"
+    )
+
+
+def local_dir(path: PathLike) -> str:
+    """A local folder standing for `path`: `path` itself when local; for `gs://b/k` the
+    mirror `<cache_root>/remote/gs/b/k` (created), where a stage keeps what must be local."""
+    path = os.fspath(path)
+    if not is_remote(path):
+        return path
+    scheme, rest = path.split("://", 1)
+    local = os.path.join(cache_root(), "remote", scheme, *[p for p in rest.split("/") if p])
+    os.makedirs(local, exist_ok=True)
+    return local
+
+
+def copy(src: PathLike, dst: PathLike) -> None:
+    """Copy a finished file to `dst` (each local or gs://); `dst` is published atomically."""
+    if is_remote(dst) and not is_remote(src):  # straight from the file: no second copy
+        _publish_remote(os.fspath(src), as_path(dst))
+        return
+    with atomic_path(dst) as tmp, open_read(src, "rb") as f, open(tmp, "wb") as out:
+        shutil.copyfileobj(f, out)
+
+
+def upload_dir(local: PathLike, dst: PathLike, last: str | None = None) -> list[str]:
+    """Copy a local folder's files (recursively) under `dst`, each atomically, `last` (a
+    relative name, the folder's completion marker) after every other file; returns the
+    relative names copied, in order."""
+    names = sorted(
+        os.path.relpath(os.path.join(root, f), local)
+        for root, _, files in os.walk(local)
+        for f in files
+    )
+    if last is not None:
+        if last not in names:
+            raise FileNotFoundError(f"{last} is not in {os.fspath(local)}")
+        names = [n for n in names if n != last] + [last]
+    for name in names:
+        copy(os.path.join(local, name), join(dst, *name.split(os.sep)))
+    return names
+
+
+def download_dir(src: PathLike, skip: tuple[str, ...] = ()) -> str:
+    """A local copy of folder `src` (itself when local): each file directly under `src`
+    whose name matches none of the `skip` patterns is copied to `local_dir(src)` unless a
+    copy of the same size is there. For model folders read by local-only libraries
+    (tokenizers, config.json)."""
+    if not is_remote(src):
+        return os.fspath(src)
+    local = local_dir(src)
+    for p in as_path(src).iterdir():
+        if p.is_dir() or any(fnmatch.fnmatch(p.name, pat) for pat in skip):
+            continue
+        target = os.path.join(local, p.name)
+        if os.path.exists(target) and os.path.getsize(target) == stat(p)[0]:
+            continue
+        with open_read(p, "rb") as f, atomic_write(target, "wb") as out:
+            shutil.copyfileobj(f, out)
+    return local

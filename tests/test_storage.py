@@ -1,23 +1,19 @@
 """dasd_jax.storage: atomic writes, reads, exists and glob, for local paths and gs:// paths.
 
 gs:// runs through etils.epath's real fsspec backend (the one used with gcsfs on TPU VMs)
-over an in-memory stand-in for Cloud Storage: flat objects, an object appears only when its
-upload is finalised (when the file is closed, even by an exception, as fsspec does), rename
-is a server-side copy then a delete. No network.
+over an in-memory stand-in for Cloud Storage (tests/fake_gcs.py): flat objects, an object
+appears only when its upload is finalised (when the file is closed, even by an exception, as
+fsspec does), rename is a server-side copy then a delete. No network.
 """
 
-import io
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import fsspec
+import fake_gcs
 import pytest
-from etils.epath import backend as epath_backend
-from etils.epath import gpath
-from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
+from fsspec.implementations.memory import MemoryFile
 
 from dasd_jax import storage
 
@@ -140,76 +136,9 @@ def test_is_remote():
 # ---------------------------------------------------------------- gs:// paths
 
 
-class _Upload(io.BytesIO):
-    """An object upload: the object appears (finalised) when the file is closed."""
-
-    def __init__(self, fs, path):
-        super().__init__()
-        self.fs, self.path = fs, path
-
-    def write(self, data):
-        if self.fs.fail_upload is not None and self.fs.fail_upload(self.path):
-            super().write(bytes(data)[: max(1, len(data) // 2)])
-            raise OSError("connection reset during upload")
-        return super().write(data)
-
-    def close(self):
-        if not self.closed:
-            self.fs.store[self.path] = MemoryFile(self.fs, self.path, self.getvalue())
-            self.fs.log.append(("finalize", self.path, self.getvalue()))
-        super().close()
-
-
-class FakeGCS(MemoryFileSystem):
-    """In-memory Cloud Storage with gcsfs's path form ("bucket/key") and an operation log."""
-
-    protocol = ("gs", "gcs")
-    root_marker = ""
-
-    def __init__(self):
-        super().__init__(global_store=False)
-        self.log, self.fail_upload = [], None
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = fsspec.utils.stringify_path(path)
-        return path.removeprefix("gs://").removeprefix("gcs://").rstrip("/")
-
-    def _open(self, path, mode="rb", **kwargs):
-        path = self._strip_protocol(path)
-        if mode == "rb":
-            return io.BytesIO(self.cat_file(path))
-        assert mode == "wb", mode
-        return _Upload(self, path)
-
-    def cp_file(self, path1, path2, **kwargs):  # server-side copy (GCS rewrite)
-        self.log.append(("copy", self._strip_protocol(path1), self._strip_protocol(path2)))
-        return super().cp_file(path1, path2, **kwargs)
-
-    def _rm(self, path):
-        self.log.append(("delete", self._strip_protocol(path)))
-        return super()._rm(path)
-
-    def makedirs(self, path, exist_ok=False):
-        raise AssertionError("object stores need no folders: makedirs must not be called")
-
-    def objects(self):
-        return {k: v.getvalue() for k, v in self.store.items()}
-
-
 @pytest.fixture
 def gcs(monkeypatch, tmp_path):
-    fake = FakeGCS.__new__(FakeGCS)  # bypass fsspec's instance cache
-    fake.__init__()
-    real_fs = epath_backend._FileSystemSpecBackend.fs
-
-    def fs(self, path):
-        return fake if os.fspath(path).startswith("gs://") else real_fs(self, path)
-
-    monkeypatch.setattr(epath_backend._FileSystemSpecBackend, "fs", fs)
-    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # the fsspec backend
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # local staging files land here
-    return fake
+    return fake_gcs.install(monkeypatch, tmp_path)
 
 
 def test_gcs_write_read_round_trip(gcs, tmp_path):

@@ -478,9 +478,31 @@ def save_hf(
 
     Tensors are written in `dtype` (default: the config's dtype). The folder is assembled
     under a temporary name and renamed into place, so a killed save never leaves a folder
-    that looks complete. In a multi-process run every process must call this (arrays are
+    that looks complete. A gs:// `out_dir` is built locally (under `storage.local_dir`),
+    then uploaded file by file (`storage.upload_dir`): the old objects are deleted first,
+    config.json first, and config.json is uploaded last, so the folder is complete once its
+    config.json exists. In a multi-process run every process must call this (arrays are
     gathered collectively); only process 0 writes.
     """
+    from dasd_jax import storage
+
+    if storage.is_remote(out_dir):
+        remote = os.fspath(out_dir)
+        local = Path(storage.local_dir(remote))
+        save_hf(
+            model,
+            local,
+            dtype=dtype,
+            tokenizer_dir=tokenizer_dir,
+            max_shard_bytes=max_shard_bytes,
+        )
+        if jax.process_index() == 0:
+            old = storage.glob(storage.join(remote, "*"))
+            for f in sorted(old, key=lambda f: not f.endswith("/config.json")):
+                storage.unlink(f)
+            storage.upload_dir(local, remote, last="config.json")
+            shutil.rmtree(local)  # the weights live in the bucket now
+        return storage.as_path(remote)
     cfg = model.cfg
     out_dir = Path(out_dir)
     dtype = dtype or cfg.dtype

@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from dasd_jax import storage
 from dasd_jax.records import atomic_write
 
 _COLORS = {1: "tab:red", 2: "tab:blue", 0: "tab:gray"}
 _LABELS = {1: "Teacher", 2: "Student", 0: "Shared"}
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: str) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_write(path, "wb") as f:
@@ -31,14 +32,14 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plots(out_dir: Path, summary: dict, seen: list, kept: dict, acc) -> list[str]:
+def plots(out_dir: str | Path, summary: dict, seen: list, kept: dict, acc) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pdir = out_dir / "plots"
-    pdir.mkdir(parents=True, exist_ok=True)
+    pdir = storage.join(out_dir, "plots")  # local or gs://
+    storage.makedirs(pdir)
     made = []
 
     scored = [s for s in seen if s.stats is not None]
@@ -55,7 +56,7 @@ def plots(out_dir: Path, summary: dict, seen: list, kept: dict, acc) -> list[str
         ax.hist(b, bins=bins, alpha=0.7, label=f"selected ({len(b)})")
         ax.set_title(title)
         ax.legend(fontsize=8)
-    _save(fig, pdir / "das_scores.png")
+    _save(fig, storage.join(pdir, "das_scores.png"))
     made.append("plots/das_scores.png")
 
     groups = summary["sentences"]["by_domain_temperature"]
@@ -71,7 +72,7 @@ def plots(out_dir: Path, summary: dict, seen: list, kept: dict, acc) -> list[str
         ax.set_ylabel("share of sentences")
         ax.legend(fontsize=8)
         ax.tick_params(axis="x", rotation=30)
-        _save(fig, pdir / "sentence_types.png")
+        _save(fig, storage.join(pdir, "sentence_types.png"))
         made.append("plots/sentence_types.png")
 
     drops = {k: v for k, v in summary["filters"].items() if k not in ("kept", "rejected", "total")}
@@ -80,7 +81,7 @@ def plots(out_dir: Path, summary: dict, seen: list, kept: dict, acc) -> list[str
     ax.set_ylabel("candidates")
     ax.set_title("dropped per filter reason")
     ax.tick_params(axis="x", rotation=30)
-    _save(fig, pdir / "filters.png")
+    _save(fig, storage.join(pdir, "filters.png"))
     made.append("plots/filters.png")
 
     if acc.scatter:
@@ -105,7 +106,7 @@ def plots(out_dir: Path, summary: dict, seen: list, kept: dict, acc) -> list[str
         ax.set_xlabel("student sentence probability p_S")
         ax.set_ylabel("teacher sentence probability p_T")
         ax.legend(fontsize=7, markerscale=3)
-        _save(fig, pdir / "scatter.png")
+        _save(fig, storage.join(pdir, "scatter.png"))
         made.append("plots/scatter.png")
     return made
 
@@ -125,7 +126,13 @@ def markdown(summary: dict, images: list[str]) -> str:
         f"{s['candidates']} candidates of {s['prompts']} prompts -> **{s['selected']} "
         f"selected**; {s['rejects']} rejects; {s['empty_prompts']} prompts lost every "
         f"candidate to the filters; {s['over_budget_prompts']} prompts left out by the budget; "
-        f"{s['bad_rows']} unreadable lines.",
+        f"{s['bad_rows']} unreadable lines."
+        + (
+            f" Temperature class `{s['temperatures']}` only: {s['other_temperature']} "
+            "candidates of the other class were not considered."
+            if s.get("temperatures", "all") != "all"
+            else ""
+        ),
         "",
         f"Rule `{cfg['rule']}`, beta {cfg['beta']}, top-k {cfg['top_k']}, budget "
         f"{cfg['budget']} ({cfg['budget_mode']}), segments `{cfg['segments']}`, splitter "
@@ -182,7 +189,7 @@ def markdown(summary: dict, images: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write(out_dir: Path, summary: dict[str, Any], seen: list, kept: dict, acc) -> None:
+def write(out_dir: str | Path, summary: dict[str, Any], seen: list, kept: dict, acc) -> None:
     images = plots(out_dir, summary, seen, kept, acc)
-    with atomic_write(out_dir / "report.md") as f:
+    with atomic_write(storage.join(out_dir, "report.md")) as f:
         f.write(markdown(summary, images))

@@ -1,13 +1,16 @@
 """The `select` stage: filters, then Divergence-Aware Sampling per prompt, then the budget.
 
-Consumes the score stage's output (`select_stage.input`, default `<run_dir>/score`): Candidate
-JSONL shards `part-*.jsonl` with `student` and `teacher` TokenScores. Uses the pure library
+Consumes the score stage's output (`select_stage.input`, default `<run_dir>/score`, local or
+gs://): Candidate JSONL shards `part-*.jsonl` with `student` and `teacher` TokenScores. With
+`select_stage.temperatures=low_t` (or `high_t`) only the candidates of that class (by
+`select_stage.high_t_from`) are considered; the others are counted as `other_temperature`
+and written nowhere (they belong to the other class's run). Uses the pure library
 beside it: `filters.filter_batch` (length, structure, repetition, optional answer check),
 `das.score_response` (sentences, token -> sentence by char offsets per tokenizer, p = exp(mean
 log p), Teacher / Student / Shared at beta) and `das.select` (rule, top-k, tie-break, budget).
 
-Produces, under `select_stage.output` (default `<run_dir>/select`), every file written under a
-temporary name and renamed:
+Produces, under `select_stage.output` (default `<run_dir>/select`, local or gs://), every
+file written under a temporary name and renamed (`dasd_jax.storage`):
 - `train-NNNNN.array_record`: the selected samples as `schema.SFTRecord`s (what training
   reads, through Grain's ArrayRecordDataSource), `select_stage.records_per_file` per file;
 - `selected.jsonl`: one line per kept sample: ids, sentence counts, rank;
@@ -15,7 +18,8 @@ temporary name and renamed:
   `no_teacher_scores`, `duplicate_candidate`, `not_selected` (a better candidate of the same
   prompt was kept), `over_budget`, or a bad scored line (`select_stage.on_bad_row=skip`);
 - `summary.json`: rows in/out per domain and temperature, per-filter drops, sentence-type
-  distributions, selection counts, the config used;
+  distributions, selection counts, the config used, and `counts` {in, out, rejected,
+  other_temperature} with in = out + rejected + other_temperature;
 - `report.md` + `plots/*.png` (matplotlib): the same tables, DAS score histograms and the
   teacher-vs-student sentence probability scatter (`select.report`).
 
@@ -33,11 +37,11 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dasd_jax import storage
 from dasd_jax.config import Config, to_dict
 from dasd_jax.records import BadRow, iter_jsonl, write_json, write_jsonl
 from dasd_jax.schema import Candidate, SFTRecord, write_sft_records
@@ -99,31 +103,60 @@ def _temp_key(t: float | None) -> str:
     return "unknown" if t is None else f"{t:g}"
 
 
-def _parts(in_dir: Path) -> list[Path]:
-    return sorted(in_dir.glob("part-*.jsonl"))
+def _parts(in_dir: str) -> list[str]:
+    return storage.glob(storage.join(in_dir, "part-*.jsonl"))
+
+
+def temperature_class(temperature: float | None, high_t_from: float) -> str | None:
+    """`low_t` / `high_t` by `select_stage.high_t_from`; None when the temperature is unknown."""
+    if temperature is None:
+        return None
+    return "high_t" if temperature >= high_t_from else "low_t"
 
 
 def _iter_candidates(
-    files: list[Path], on_bad: str, bad: list
+    files: list[str], on_bad: str, bad: list, sc=None, other: list | None = None
 ) -> Iterator[tuple[int, int, Candidate]]:
-    """(file index, line, Candidate) over the scored shards; bad lines go to `bad`."""
+    """(file index, line, Candidate) over the scored shards; bad lines go to `bad`. With
+    `sc.temperatures` low_t/high_t, candidates of the other class are counted in `other[0]`
+    and not yielded; one without a temperature is a bad row (`no_temperature`)."""
+    wanted = sc.temperatures if sc is not None else "all"
     for fi, f in enumerate(files):
         for line, row in iter_jsonl(f, on_bad=on_bad, rejected=lambda err, raw: bad.append(err)):
             try:
-                yield fi, line, Candidate.from_dict(row)
+                c = Candidate.from_dict(row)
+                if wanted != "all":
+                    cls = temperature_class(c.temperature, sc.high_t_from)
+                    if cls is None:
+                        raise BadRow(
+                            f,
+                            line,
+                            f"no_temperature: select_stage.temperatures={wanted} needs each "
+                            "candidate's sampling temperature (for inputs that do not record "
+                            "it, set score.temperature when scoring)",
+                        )
+                    if cls != wanted:
+                        if other is not None:
+                            other[0] += 1
+                        continue
+            except BadRow as err:
+                if on_bad == "error":
+                    raise
+                bad.append(err)
+                continue
             except (TypeError, ValueError) as e:
                 err = BadRow(f, line, f"not a Candidate: {e}")
                 if on_bad == "error":
                     raise err from None
                 bad.append(err)
+                continue
+            yield fi, line, c
 
 
 def _source(sc, temperature: float | None) -> str:
     if sc.source:
         return sc.source
-    if temperature is None:
-        return "unknown"
-    return "high_t" if temperature >= sc.high_t_from else "low_t"
+    return temperature_class(temperature, sc.high_t_from) or "unknown"
 
 
 def run(cfg: Config) -> dict:
@@ -131,8 +164,8 @@ def run(cfg: Config) -> dict:
     import jax
 
     sc = cfg.select_stage
-    in_dir = Path(sc.input) if sc.input else Path(cfg.run_dir) / "score"
-    out_dir = Path(sc.output) if sc.output else Path(cfg.run_dir) / "select"
+    in_dir = sc.input or storage.join(cfg.run_dir, "score")  # local or gs://
+    out_dir = sc.output or storage.join(cfg.run_dir, "select")
     if jax.process_index() != 0:
         return {"process": jax.process_index(), "skipped": "selection runs on process 0"}
     files = _parts(in_dir)
@@ -149,6 +182,7 @@ def run(cfg: Config) -> dict:
     seen: list[Seen] = []
     keys: set[tuple[str, int]] = set()
     bad: list[BadRow] = []
+    other = [0]  # candidates of the other temperature class
     pending: list[tuple[Seen, filters.FilterInput]] = []
 
     def flush():
@@ -157,7 +191,7 @@ def run(cfg: Config) -> dict:
             s.reasons = rs + s.reasons
         pending.clear()
 
-    for fi, line, c in _iter_candidates(files, sc.on_bad_row, bad):
+    for fi, line, c in _iter_candidates(files, sc.on_bad_row, bad, sc, other):
         st = c.student
         n_tok = None if st is None else (st.n_prompt_tokens or 0) + len(st.token_ids)
         s = Seen(
@@ -223,9 +257,9 @@ def run(cfg: Config) -> dict:
             continue
         s.reasons.append("over_budget" if s.prompt_id in over else "not_selected")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("train-*.array_record"):  # a previous run's files
-        old.unlink()
+    storage.makedirs(out_dir)
+    for old in storage.glob(storage.join(out_dir, "train-*.array_record")):  # a previous run's
+        storage.unlink(old)
     rejects = itertools.chain(
         (
             {"file": str(e.path), "line": e.line, "reasons": ["bad_row"], "detail": e.reason}
@@ -244,9 +278,9 @@ def run(cfg: Config) -> dict:
             if s.reasons
         ),
     )
-    n_rejects = write_jsonl(out_dir / "rejects.jsonl", rejects)
+    n_rejects = write_jsonl(storage.join(out_dir, "rejects.jsonl"), rejects)
     write_jsonl(
-        out_dir / "selected.jsonl",
+        storage.join(out_dir, "selected.jsonl"),
         (
             {
                 "prompt_id": c.prompt_id,
@@ -273,23 +307,34 @@ def run(cfg: Config) -> dict:
     train_files = _write_train(files, kept, out_dir, sc, on_bad=sc.on_bad_row)
 
     summary = _summary(cfg, seen, bad, selection, acc, files, train_files, n_rejects)
+    summary["temperatures"] = sc.temperatures
+    summary["other_temperature"] = other[0]
+    summary["counts"] = {
+        "in": len(bad) + len(seen) + other[0],
+        "out": len(selection.selected),
+        "rejected": n_rejects,
+        "other_temperature": other[0],
+    }
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     if sc.report:
         from dasd_jax.select import report
 
         report.write(out_dir, summary, seen, kept, acc)
-    write_json(out_dir / "summary.json", summary)
+    write_json(storage.join(out_dir, "summary.json"), summary)
     _print(summary)
     return summary
 
 
-def _write_train(files: list[Path], kept: dict, out_dir: Path, sc, on_bad: str) -> list[str]:
+def _write_train(files: list[str], kept: dict, out_dir: str, sc, on_bad: str) -> list[str]:
     """Pass 2: stream the kept candidates into ArrayRecord files of records_per_file each."""
 
     def records() -> Iterator[SFTRecord]:
-        for _, _, c in _iter_candidates(files, on_bad, []):
-            if (c.prompt_id, c.candidate) not in kept:
+        written: set[tuple[str, int]] = set()
+        for _, _, c in _iter_candidates(files, on_bad, [], sc):
+            key = (c.prompt_id, c.candidate)
+            if key not in kept or key in written:  # a duplicate_candidate is written once
                 continue
+            written.add(key)
             kept_meta = {"prompt_id": c.prompt_id, "candidate": c.candidate}
             if c.meta.get("uuid"):
                 kept_meta["uuid"] = c.meta["uuid"]
@@ -309,11 +354,12 @@ def _write_train(files: list[Path], kept: dict, out_dir: Path, sc, on_bad: str) 
         first = next(it, None)
         if first is None:
             break
-        path = out_dir / f"train-{k:05d}.array_record"
+        name = f"train-{k:05d}.array_record"
         write_sft_records(
-            path, itertools.chain([first], itertools.islice(it, sc.records_per_file - 1))
+            storage.join(out_dir, name),
+            itertools.chain([first], itertools.islice(it, sc.records_per_file - 1)),
         )
-        names.append(path.name)
+        names.append(name)
     return names
 
 
@@ -323,7 +369,7 @@ def _summary(
     bad: list[BadRow],
     selection: das.Selection,
     acc: Accumulators,
-    files: list[Path],
+    files: list[str],
     train_files: list[str],
     n_rejects: int,
 ) -> dict[str, Any]:

@@ -12,19 +12,34 @@ multi-process safe (each process writes its own shards; the data item is per pro
 Restores go into abstract arrays that carry shardings (`abstract_state`), so every device
 reads only its shard. `restore_model` reads only the `model` item of another stage's
 checkpoint: stage 2 starts from stage 1's weights with a fresh optimizer.
+
+The folder may be local or gs://: Orbax writes through `etils.epath` itself (gcsfs, or
+tf.io.gfile when TensorFlow is installed) and commits a step by its own atomic protocol, so the
+path is handed over as given (`checkpoint_dir`: absolute when local, untouched when remote).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dasd_jax import storage
 from dasd_jax.sharding import named_sharding
+
+
+def checkpoint_dir(directory: str | os.PathLike) -> epath.Path:
+    """The path Orbax gets: gs:// as given (`Path.absolute()` would fold `gs://` to `gs:/`),
+    a local one made absolute (Orbax requires absolute paths)."""
+    if storage.is_remote(directory):
+        return epath.Path(os.fspath(directory))
+    return epath.Path(os.path.abspath(os.fspath(directory)))
 
 
 def shardings_of(abstract_state, mesh: Mesh):
@@ -51,7 +66,7 @@ def abstract_arrays(abstract_state, shardings):
 
 class Checkpointer:
     def __init__(self, directory: str | Path, every: int, keep: int, asynchronous: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = checkpoint_dir(directory)
         self.every = every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -100,7 +115,7 @@ class Checkpointer:
 
 def restore_model(directory: str | Path, step: int, abstract_model):
     """Only the `model` item of checkpoint `step` under `directory` (another stage's)."""
-    with ocp.CheckpointManager(Path(directory).absolute()) as manager:
+    with ocp.CheckpointManager(checkpoint_dir(directory)) as manager:
         got = manager.restore(
             step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_model))
         )

@@ -77,7 +77,11 @@ class TrainConfig:
     global_batch: int = 64  # packed rows per optimizer step, all hosts together
     micro_batch: int = 0  # rows per forward pass (all hosts); 0 = global_batch (no accum)
     packing: Literal["masked", "unmasked"] = "masked"  # unmasked: documents see each other
-    packing_bins: int = 0  # first-fit bins per host; 0 = rows per host step
+    packing_bins: int = 0  # first-fit bins per data shard; 0 = its rows per step
+    # disjoint record streams, each packed into its own rows of every step; 0 = one per host.
+    # The batches depend on this number, not on the host count: a run with data_shards=S
+    # gives the same batches on any number of hosts dividing S (S must divide micro_batch)
+    data_shards: int = 0
     overlong: Literal["drop", "truncate"] = "drop"  # examples longer than seq_len
     on_bad_record: Literal["error", "skip"] = "error"  # e.g. a record with no answer tokens
     system_prompt: str = "You are a helpful assistant."
@@ -117,6 +121,11 @@ class TrainConfig:
         if self.global_batch % micro:
             raise ValueError(
                 f"global_batch {self.global_batch} is not a multiple of micro_batch {micro}"
+            )
+        if self.data_shards < 0 or (self.data_shards and micro % self.data_shards):
+            raise ValueError(
+                f"data_shards={self.data_shards} must be >= 0 and divide micro_batch {micro} "
+                f"(each shard fills the same number of rows of every micro-batch)"
             )
 
     @property

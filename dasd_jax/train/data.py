@@ -1,7 +1,10 @@
 """SFTRecords in ArrayRecord files -> packed, loss-masked rows for one host, deterministically.
 
 Consumes a stage's named sources (globs of ArrayRecord files of `schema.SFTRecord`, with
-mixing weights) and the student's tokenizer. Produces a Grain iterator of host batches: dicts
+mixing weights; local or gs://: the globs are listed through `dasd_jax.storage`, and Grain's
+`ArrayRecordDataSource` hands each path to array_record's C++ reader, which reads gs://
+objects itself over the Cloud Storage JSON API with the machine's default credentials) and
+the student's tokenizer. Produces a Grain iterator of host batches: dicts
 of int32 numpy arrays [rows, seq_len] with `tokens`, `loss_mask` (1 where the token is a
 training target), `segment_ids` (0 = padding; one id per document), `positions` (restarting
 at every document), `source` (1-based source index per token, 0 on padding) and `events`
@@ -10,12 +13,15 @@ at every document), `source` (1-based source index per token, 0 on padding) and 
 
 Pipeline, per source: `MapDataset.source` -> hold out `eval_rows` records (taken from a
 seeded permutation, before anything else) -> `shuffle` (a new permutation every epoch) ->
-this host's slice `[process_index::process_count]` -> `repeat()` -> `map(encode)` (render
+a data shard's slice `[shard::data_shards]` -> `repeat()` -> `map(encode)` (render
 with the student's chat template and the system prompt, tokenize, loss mask) -> iterate with
 reader threads -> drop (and count) over-long or bad examples. Then `IterDataset.mix` of the
 sources by weight (deterministic interleave: the record proportions match the weights at every
 prefix, not only on average; a mapping, so a checkpoint restores per source by name) ->
-first-fit packing into `seq_len` rows -> batches of the host's rows per optimizer step.
+first-fit packing into `seq_len` rows -> batches of the shard's rows per optimizer step.
+Data shards (`train.data_shards`, default one per host): host p of P runs shards
+[p*S/P, (p+1)*S/P) and lays their rows out as P hosts with one shard each would, so the global
+batch of every step depends on S, never on the number of hosts.
 
 Loss mask: a token is a target when its character span (exact spans from
 `tokenizer.encode_with_offsets`, as in the score stage) reaches into the assistant response or
@@ -31,7 +37,6 @@ loop sums them. So the counts survive checkpoint/restore with the data position 
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import zlib
@@ -42,6 +47,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from dasd_jax import storage
 from dasd_jax.schema import SFTRecord
 from dasd_jax.tokenizer import IM_END, encode_with_offsets, render_chat
 from dasd_jax.train.config import StageConfig, TrainConfig
@@ -75,7 +81,7 @@ def resolve_sources(scfg: StageConfig, run_dir: str, stage: int) -> list[Source]
         files = []
         for pattern in src.path.split(","):
             pattern = pattern.strip().replace("{run_dir}", str(run_dir))
-            files += sorted(glob.glob(pattern)) if pattern else []
+            files += storage.glob(pattern) if pattern else []
         if not files:
             raise DataError(
                 f"stage {stage} source {name!r}: no files match {src.path!r} "
@@ -217,14 +223,15 @@ class _KeepGoodIterator(grain.DatasetIterator):
 
 
 def _source_stream(
-    records, encode: Encode, seed: int, tcfg: TrainConfig, process_index: int, process_count: int
+    records, encode: Encode, seed: int, tcfg: TrainConfig, shard: int, shards: int
 ) -> grain.IterDataset:
     ds = grain.MapDataset.source(records).shuffle(seed=seed)
-    ds = ds[process_index::process_count]
+    ds = ds[shard::shards]
     if len(ds) == 0:
         raise DataError(
             f"source {encode.source.name!r}: {len(records)} training records "
-            f"cannot be split over {process_count} hosts"
+            f"cannot be split into {shards} data shards (one per host unless "
+            f"train.data_shards is set)"
         )
     ds = ds.repeat(None).map(encode)
     opts = grain.ReadOptions(num_threads=max(tcfg.data_threads, 1), prefetch_buffer_size=64)
@@ -262,6 +269,18 @@ def _finish(row: dict, packing: str) -> dict:
     }
 
 
+def _merge(batches: tuple[dict, ...], accum: int) -> dict:
+    """Several data shards' batches -> one host batch laid out as on as many hosts: micro-batch
+    a holds every shard's rows of micro-batch a, shard by shard (`stage.device_batch` splits
+    host rows into `accum` consecutive micro-batches)."""
+
+    def one(*xs):
+        parts = [x.reshape(accum, -1, *x.shape[1:]) for x in xs]
+        return np.concatenate(parts, axis=1).reshape(-1, *xs[0].shape[1:])
+
+    return {k: one(*(b[k] for b in batches)) for k in batches[0]}
+
+
 def empty_row(seq_len: int) -> dict:
     """An all-padding row (segment 0 everywhere: no tokens, no loss)."""
     keys = ("tokens", "loss_mask", "segment_ids", "positions", "source")
@@ -292,21 +311,33 @@ class Pipeline:
                 f"{process_count} hosts"
             )
         self.rows_per_host = tcfg.global_batch // process_count
+        # Data shards: disjoint record streams, each packed into its own rows. Host p runs a
+        # contiguous block of them, so the global batch depends on their number only.
+        self.data_shards = tcfg.data_shards or process_count
+        if self.data_shards % process_count:
+            raise DataError(
+                f"train.data_shards={self.data_shards} does not divide over {process_count} "
+                f"hosts (set a multiple of the host count, or 0 for one per host)"
+            )
+        per_host = self.data_shards // process_count
+        self.shards = range(process_index * per_host, (process_index + 1) * per_host)
+        self.rows_per_shard = tcfg.global_batch // self.data_shards
         self.splits = {s.name: split_source(s, tcfg.eval_rows, seed) for s in sources}
         self.encoders = {
             s.name: Encode(tokenizer, s, tcfg, scfg.mask_student_prefix) for s in sources
         }
 
-    def mixed(self) -> grain.IterDataset:
-        """The weighted mix of all sources, one example per element (before packing)."""
+    def mixed(self, shard: int | None = None) -> grain.IterDataset:
+        """The weighted mix of all sources in one data shard (default: this host's first),
+        one example per element (before packing)."""
         streams = {
             s.name: _source_stream(
                 self.splits[s.name][0],
                 self.encoders[s.name],
                 _seed(self.seed, s.name),
                 self.tcfg,
-                self.process_index,
-                self.process_count,
+                self.shards[0] if shard is None else shard,
+                self.data_shards,
             )
             for s in self.sources
         }
@@ -314,11 +345,17 @@ class Pipeline:
 
     def dataset(self) -> grain.IterDataset:
         """Host batches: dicts of [rows_per_host, seq_len] arrays (see module docstring)."""
-        packed = _pack(self.mixed(), self.tcfg, self.rows_per_host, self.seed, shuffle=True)
-        packing = self.tcfg.packing
-        return packed.map(lambda r: _finish(r, packing)).batch(
-            self.rows_per_host, drop_remainder=True
-        )
+        packing, rows = self.tcfg.packing, self.rows_per_shard
+        per_shard = [
+            _pack(self.mixed(k), self.tcfg, rows, self.seed, shuffle=True)
+            .map(lambda r: _finish(r, packing))
+            .batch(rows, drop_remainder=True)
+            for k in self.shards
+        ]
+        if len(per_shard) == 1:
+            return per_shard[0]
+        accum = self.tcfg.accum_steps
+        return grain.experimental.ZipIterDataset(per_shard).map(lambda b: _merge(b, accum))
 
     def eval_rows(self, multiple: int) -> list[dict]:
         """This host's share of the held-out records, packed (no shuffling) into rows, padded
@@ -372,14 +409,13 @@ class Pipeline:
 # --------------------------------------------------------------------------- demo data
 
 
-def write_demo_records(path: str | Path, source: str, stage: int) -> Path:
+def write_demo_records(path: str | Path, source: str, stage: int) -> str | Path:
     """The embedded demo rows as SFTRecords (stage 3: the first half of each response marked
     as a student prefix, as mixed-policy records are). For the CPU demo only."""
     from dasd_jax import embedded
     from dasd_jax.schema import write_sft_records
 
-    path = Path(path)
-    if path.exists():
+    if storage.exists(path):
         return path
     recs = []
     for row in embedded.demo_rows():

@@ -5,7 +5,10 @@ Consumes per-step numbers from the training loop; produces `<stage_dir>/metrics.
 `padding`, `tokens/<source>`, counters, and `eval_loss` lines), `<stage_dir>/tensorboard/`
 event files written by tensorboardX (no TensorFlow; skipped with a log line when it is not
 installed or `train.tensorboard=false`), and a progress line on stderr with an ETA. Only
-process 0 writes.
+process 0 writes. Both grow by appends, which Cloud Storage does not have: when the stage
+folder is gs:// they are written to its local mirror (`storage.local_dir`) and uploaded
+(each file atomically) by `close()`, which the stage calls when it finishes, stops on
+SIGTERM or fails; a run killed outright keeps them in the mirror only.
 
 MFU = model FLOPs per second / (devices x peak bf16 FLOP/s). Model FLOPs of a step are
 3x the forward (forward + backward, rematerialisation not counted, as is usual): 2 FLOPs per
@@ -18,11 +21,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from dasd_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +90,15 @@ class Metrics:
         stream=None,
     ):
         self.name, self.total, self.enabled, self.log_every = name, total_steps, enabled, log_every
+        self.remote = os.fspath(out_dir) if storage.is_remote(out_dir) else None
+        out_dir = storage.local_dir(out_dir)  # appended files stay local
+        self.local_dir = out_dir
         self.path = Path(out_dir) / "metrics.jsonl"
+        if self.remote is not None and enabled and not self.path.exists():
+            # a resumed run on a new machine continues the uploaded log
+            published = storage.join(self.remote, "metrics.jsonl")
+            if storage.exists(published):
+                storage.copy(published, self.path)
         self.stream = stream or sys.stderr
         self.t0 = time.perf_counter()
         self.first_step: int | None = None
@@ -131,3 +145,10 @@ class Metrics:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+        if self.remote is not None and self.enabled:  # publish the local mirror's logs
+            if self.path.exists():
+                storage.copy(self.path, storage.join(self.remote, "metrics.jsonl"))
+            board = Path(self.local_dir) / "tensorboard"
+            if board.is_dir():
+                storage.upload_dir(board, storage.join(self.remote, "tensorboard"))

@@ -15,6 +15,12 @@ CPU). SIGTERM (TPU preemption) sets a flag; the loop saves at the next step boun
 hosts at the same step, and returns. A NaN/inf loss raises `NonFiniteLoss` naming the step,
 before anything is saved: the checkpoints on disk stay the last good ones.
 
+Paths may be gs:// (run_dir, init_from, sources): the stage folder is an `epath.Path`; small
+files go through `dasd_jax.storage` (atomic), checkpoints through Orbax, the export through
+`save_hf`'s local build + upload, metrics and TensorBoard through a local mirror uploaded when
+the loop ends (`train.metrics`). A remote export's config and tokenizer files are copied to
+the local cache to read them (`storage.download_dir`); its weights are not.
+
 Embedded demo: when the stage starts from the embedded tiny student it uses the small batch
 geometry of `DEMO_TRAIN` (fields still at their defaults only), on the selected records if the
 select stage wrote some, else on `embedded.demo_rows()` written as SFTRecords to
@@ -24,7 +30,6 @@ select stage wrote some, else on `embedded.demo_rows()` written as SFTRecords to
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import signal
@@ -40,8 +45,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dasd_jax import storage
 from dasd_jax.config import Config, to_yaml
 from dasd_jax.models.checkpoint import ARCHITECTURES, load_hf, read_config, save_hf
+from dasd_jax.records import write_json
 from dasd_jax.sharding import BATCH_AXES, make_mesh
 from dasd_jax.tokenizer import load_tokenizer
 from dasd_jax.train import data as data_lib
@@ -69,7 +76,8 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def stage_dir(cfg: Config, stage: int) -> Path:
-    return Path(cfg.run_dir) / f"stage{stage}"
+    """`<run_dir>/stage{n}` as an `epath.Path` (pathlib operations; local or gs://)."""
+    return storage.as_path(storage.join(cfg.run_dir, f"stage{stage}"))
 
 
 def stage_config(cfg: Config, stage: int) -> StageConfig:
@@ -95,7 +103,7 @@ class Init:
 def resolve_init(cfg: Config, stage: int) -> Init:
     scfg = stage_config(cfg, stage)
     if scfg.init_from:
-        path = Path(scfg.init_from)
+        path = storage.as_path(scfg.init_from)
         if (path / "final.json").exists():  # another run's stage folder
             return _from_stage(path)
         if not (path / "config.json").exists():
@@ -103,10 +111,12 @@ def resolve_init(cfg: Config, stage: int) -> Init:
                 f"stage{stage}.init_from={path}: not a Hugging Face folder (no "
                 f"config.json) nor a finished stage folder (no final.json)"
             )
-        return Init("hf", path, None, path, False)
+        local = Path(storage.download_dir(path))  # a gs:// HF folder: copied to the cache
+        return Init("hf", local, None, local, False)
     if stage == 1:
         if cfg.student.path:
-            return Init("hf", Path(cfg.student.path), None, Path(cfg.student.path), False)
+            local = Path(storage.download_dir(cfg.student.path))  # gs://: copied to the cache
+            return Init("hf", local, None, local, False)
         from dasd_jax import embedded
 
         path = embedded.tiny_student()
@@ -125,12 +135,14 @@ def resolve_init(cfg: Config, stage: int) -> Init:
 
 
 def _from_stage(folder: Path) -> Init:
-    final = json.loads((folder / "final.json").read_text())
+    final = json.loads(storage.read_text(folder / "final.json"))
+    # config.json + tokenizer files are read by local-only libraries: a local copy if remote
+    model_dir = storage.download_dir(folder / "export", skip=("*.safetensors",))
     return Init(
         "stage",
         folder / "checkpoints",
         int(final["step"]),
-        folder / "export",
+        Path(model_dir),
         bool(final.get("embedded", False)),
     )
 
@@ -139,7 +151,7 @@ def resolve_data(cfg: Config, stage: int, init: Init, batch_ways: int = 1):
     """(sources, train config, stage config, demo?): the demo set when eligible."""
     scfg, tcfg = stage_config(cfg, stage), cfg.train
     found = any(
-        glob.glob(p.strip().replace("{run_dir}", cfg.run_dir))
+        storage.glob(p.strip().replace("{run_dir}", cfg.run_dir))
         for s in scfg.sources.values()
         if s.weight > 0
         for p in s.path.split(",")
@@ -165,7 +177,7 @@ def resolve_data(cfg: Config, stage: int, init: Init, batch_ways: int = 1):
             scfg.max_steps,
         )
         return data_lib.resolve_sources(scfg, cfg.run_dir, stage), tcfg, scfg, False
-    path = Path(cfg.run_dir) / "demo_data" / f"stage{stage}.array_record"
+    path = storage.join(cfg.run_dir, "demo_data", f"stage{stage}.array_record")
     data_lib.write_demo_records(path, "demo", stage)
     log.warning(
         "stage %d: no SFT records at %s and the embedded tiny student: training the "
@@ -313,7 +325,7 @@ def run(cfg: Config, stage: int, *, on_step=None) -> dict:
     out = stage_dir(cfg, stage)
     if (out / "final.json").exists():
         log.info("stage %d already finished: %s", stage, out / "final.json")
-        return {**json.loads((out / "final.json").read_text()), "already_finished": True}
+        return {**json.loads(storage.read_text(out / "final.json")), "already_finished": True}
     init = resolve_init(cfg, stage)
     mesh = make_mesh(cfg.mesh)
     batch_ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
@@ -326,11 +338,10 @@ def run(cfg: Config, stage: int, *, on_step=None) -> dict:
             f"or mesh (e.g. mesh.data=1)"
         )
     writer = jax.process_index() == 0
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out)
     if writer:
-        (out / "config.yaml").write_text(
-            to_yaml(dataclasses.replace(cfg, train=tcfg, **{f"stage{stage}": scfg}))
-        )
+        with storage.atomic_write(out / "config.yaml") as f:
+            f.write(to_yaml(dataclasses.replace(cfg, train=tcfg, **{f"stage{stage}": scfg})))
 
     tokenizer = load_tokenizer(init.model_dir)
     pipeline = data_lib.Pipeline(
@@ -458,8 +469,7 @@ def run(cfg: Config, stage: int, *, on_step=None) -> dict:
             while step < total:
                 host = next(data_iter)
                 hs = host_stats(host, names, ts.model_cfg)
-                # global counts: every host reports its own rows (one small gather per step)
-                hs["tokens_all"], hs["flops_all"] = _sum_over_hosts([hs["tokens"], hs["flops"]])
+                hs = _global_stats(hs, tcfg.seq_len)
                 state, dm = train_step(state, device_batch(host, mesh, tcfg.accum_steps))
                 step += 1
                 if pending is not None:
@@ -503,7 +513,7 @@ def run(cfg: Config, stage: int, *, on_step=None) -> dict:
             k: summary[k]
             for k in ("stage", "step", "checkpoint", "export", "embedded", "demo", "total_steps")
         }
-        (out / "final.json").write_text(json.dumps(final, indent=2) + "\n")
+        write_json(out / "final.json", final)  # atomic: the stage's completion marker
     return summary
 
 
@@ -519,3 +529,24 @@ def _sum_over_hosts(values: list[float]) -> list[float]:
     if jax.process_count() == 1:
         return list(values)
     return [type(v)(x) for v, x in zip(values, _gather(values).sum(0), strict=True)]
+
+
+def _global_stats(hs: dict, seq_len: int) -> dict:
+    """One host's batch counts -> the global batch's (`tokens_all`, `flops_all`, documents,
+    padding, per-source tokens, events): every host reports its own rows, one small gather
+    per step. `hash` stays this host's."""
+    names, events = list(hs["per_source"]), list(hs["events"])
+    values = [hs["tokens"], hs["flops"], hs["documents"], hs["rows"]]
+    values += [hs["per_source"][k] for k in names] + [hs["events"][k] for k in events]
+    total = _sum_over_hosts(values)
+    tokens, flops, documents, rows = total[:4]
+    per_source = dict(zip(names, total[4 : 4 + len(names)], strict=True))
+    return {
+        **hs,
+        "tokens_all": tokens,
+        "flops_all": flops,
+        "documents": documents,
+        "padding": 1.0 - tokens / (rows * seq_len),
+        "per_source": per_source,
+        "events": dict(zip(events, total[4 + len(names) :], strict=True)),
+    }
