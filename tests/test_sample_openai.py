@@ -19,7 +19,7 @@ from dasd_jax.schema import Candidate
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("openai")
-    teacher = embedded.tiny_teacher(tmp / "cache")
+    teacher = embedded.tiny_random_teacher(tmp / "cache")  # random tiny Qwen3
     rows = embedded.demo_rows()[:3]
     data = tmp / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

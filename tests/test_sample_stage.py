@@ -23,7 +23,7 @@ MAX_TOKENS = 10
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    return embedded.tiny_teacher(tmp_path_factory.mktemp("cache"))
+    return embedded.tiny_random_teacher(tmp_path_factory.mktemp("cache"))  # flat logits, ChatML
 
 
 def _overrides(run_dir, teacher, data, *extra):

@@ -36,7 +36,7 @@ def student(cache):
 
 @pytest.fixture(scope="module")
 def teacher(cache):
-    return embedded.tiny_teacher(cache)
+    return embedded.tiny_random_teacher(cache)  # random tiny Qwen3 (ChatML)
 
 
 def _cfg(tmp_path, student, data, *extra, teacher=None):

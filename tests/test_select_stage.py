@@ -192,10 +192,10 @@ def test_cli_score_then_select_on_the_embedded_default(tmp_path, monkeypatch, ca
     assert launch.main(["--stage=select"]) == 0
     out = tmp_path / "runs" / "default"
     summary = json.loads((out / "select" / "summary.json").read_text())
-    # 6 prompts, 14 candidates; the truncated one and the repetitive one are filtered
-    assert summary["prompts"] == 6 and summary["candidates"] == 14
+    # 12 prompts, 26 candidates; the truncated one and the repetitive one are filtered
+    assert summary["prompts"] == 12 and summary["candidates"] == 26
     assert summary["filters"]["no_think"] == 1 and summary["filters"]["line_repetition"] == 1
-    assert summary["selected"] == 6 and (out / "select" / "report.md").exists()
+    assert summary["selected"] == 12 and (out / "select" / "report.md").exists()
     score_summary = json.loads((out / "score" / "summary.json").read_text())
-    assert score_summary["teacher_from"]["model"] == 14
+    assert score_summary["teacher_from"]["model"] == 26
     assert 0 <= score_summary["student_padding_fraction"] < 1

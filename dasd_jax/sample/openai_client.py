@@ -138,8 +138,11 @@ class OpenAIBackend:
         self.token_text: TokenText | None = None
         model_type = ""
         if folder:
+            from dasd_jax import storage
             from dasd_jax.tokenizer import load_tokenizer
 
+            # a gs:// folder: its tokenizer and config files only, copied to the local cache
+            folder = storage.download_dir(folder, skip=("*.safetensors", "*.bin", "*.pt"))
             self.token_text = TokenText(load_tokenizer(folder))
             cfg_json = Path(folder) / "config.json"
             if cfg_json.exists():
@@ -321,13 +324,16 @@ class OpenAIBackend:
 
 def run(cfg: Config) -> dict:
     """The sample stage against `sample.openai.base_url`; the engine stage's files."""
-    from dasd_jax import embedded
+    from dasd_jax import embedded, storage
 
     backend = OpenAIBackend(cfg)
-    if cfg.sample.input:
+    if storage.is_remote(cfg.sample.input):
+        data: str | Path = cfg.sample.input
+    elif cfg.sample.input:
         data = Path(cfg.sample.input)
-    else:
-        data = embedded.write_demo_rows(Path(cfg.run_dir) / "inputs" / "demo_prompts.jsonl")
+    else:  # a gs:// run_dir: the demo prompts go to its local mirror
+        inputs = storage.local_dir(storage.join(cfg.run_dir, "inputs"))
+        data = embedded.write_demo_rows(Path(inputs) / "demo_prompts.jsonl")
     summary = run_shards(cfg, backend, data, backend.model)
     summary["retries"] = backend.client.retries
     return summary

@@ -3,7 +3,8 @@ per-token log-probs (paper step 1), and the teacher-continuation API of the mixe
 
 Consumes `sample.input`, a JSONL file of prompts (fields `sample.id_field`,
 `sample.prompt_field`, optional domain and reference answer; "" = the embedded demo prompts),
-and the teacher (`teacher.path`, a Hugging Face folder; "" = the embedded tiny Qwen3 teacher).
+and the teacher (`teacher.path`, a Hugging Face folder; "" = the embedded tiny gpt-oss teacher,
+trained on the demo rows, see `embedded.tiny_teacher`).
 
 Produces, under `<run_dir>/sample/t<T>/` for each temperature T in `sample.temperatures`:
 - `part-NNNNNN.jsonl`: one `schema.Candidate` per line, `sample.n` per prompt, in input order:
@@ -46,34 +47,49 @@ from dasd_jax.schema import Candidate, TokenScores
 
 log = logging.getLogger(__name__)
 
-# The embedded tiny teacher has random weights: its EOS essentially never comes, so the demo
-# caps the length and stops at a newline (in ~1.4% of Qwen3's tokens): both finish reasons
-# occur. Its engine is sized to the demo (a CPU) instead of a long-CoT teacher.
+# Caps for a RANDOM embedded model (the embedded student, when mixed_policy or evaluate sample
+# it): its EOS essentially never comes, so the demo caps the length and stops at a newline (in
+# ~1.4% of Qwen3's tokens): both finish reasons occur. Its engine is sized to the demo (a CPU)
+# instead of a long-CoT teacher.
 EMBEDDED_DEMO = dict(max_tokens=32, stop=("\n",), slots=16, max_prefill_length=256)
+# Caps for the embedded TEACHER, a tiny gpt-oss trained on the demo rows (`embedded`): it
+# writes whole harmony responses and stops at <|return|>, so no stop string; max_tokens is
+# ~1.3x its longest demo response (122 tokens) and the prompts (at most 86 tokens) fit 128.
+EMBEDDED_TEACHER_DEMO = dict(max_tokens=160, slots=16, max_prefill_length=128)
 
 
 def embedded_demo_config(cfg: Config) -> Config:
-    """The demo's caps on a config whose teacher is the embedded tiny model."""
+    """The demo's caps on a config whose teacher is the embedded tiny (trained) teacher."""
     sc = cfg.sample
+    caps = EMBEDDED_TEACHER_DEMO
     demo = dict(
-        max_tokens=min(sc.max_tokens, EMBEDDED_DEMO["max_tokens"]),
-        stop=tuple(dict.fromkeys(sc.stop + EMBEDDED_DEMO["stop"])),
-        slots=min(sc.slots, EMBEDDED_DEMO["slots"]),
-        max_prefill_length=min(sc.max_prefill_length, EMBEDDED_DEMO["max_prefill_length"]),
+        max_tokens=min(sc.max_tokens, caps["max_tokens"]),
+        slots=min(sc.slots, caps["slots"]),
+        max_prefill_length=min(sc.max_prefill_length, caps["max_prefill_length"]),
     )
-    log.info("embedded tiny teacher (random weights): %s", demo)
+    log.info("embedded tiny gpt-oss teacher (trained on the demo rows): %s", demo)
     return dataclasses.replace(cfg, sample=dataclasses.replace(sc, **demo))
 
 
-def resolve_inputs(cfg: Config) -> tuple[Path, Path]:
-    """(teacher folder, prompts JSONL), materialising the embedded defaults when empty."""
-    from dasd_jax import embedded
+def resolve_inputs(cfg: Config) -> tuple[Path, str | Path]:
+    """(teacher folder, prompts JSONL), materialising the embedded defaults when empty. A
+    gs:// teacher folder is copied to the local cache (`storage.download_dir`: the weights
+    are memory-mapped); gs:// prompts are streamed; the demo prompts of a gs:// run_dir are
+    written to its local mirror."""
+    from dasd_jax import embedded, storage
 
-    teacher = Path(cfg.teacher.path) if cfg.teacher.path else embedded.tiny_teacher()
-    if cfg.sample.input:
+    teacher = (
+        Path(storage.download_dir(cfg.teacher.path))
+        if cfg.teacher.path
+        else embedded.tiny_teacher()
+    )
+    if storage.is_remote(cfg.sample.input):
+        data: str | Path = cfg.sample.input
+    elif cfg.sample.input:
         data = Path(cfg.sample.input)
     else:
-        data = embedded.write_demo_rows(Path(cfg.run_dir) / "inputs" / "demo_prompts.jsonl")
+        inputs = storage.local_dir(storage.join(cfg.run_dir, "inputs"))
+        data = embedded.write_demo_rows(Path(inputs) / "demo_prompts.jsonl")
     return teacher, data
 
 
@@ -376,5 +392,7 @@ def run(cfg: Config) -> dict:
     if not cfg.teacher.path:
         cfg = embedded_demo_config(cfg)
     teacher_path, data_path = resolve_inputs(cfg)
-    name = str(teacher_path) if cfg.teacher.path else "embedded-tiny-teacher"
+    name = "embedded-tiny-teacher"
+    if cfg.teacher.path:  # a gs:// teacher is named by its bucket path, not the local copy
+        name = cfg.teacher.path if "://" in cfg.teacher.path else str(teacher_path)
     return run_shards(cfg, TeacherSampler(teacher_path, cfg, model_name=name), data_path, name)
