@@ -1,0 +1,1 @@
+"""Evaluation: avg@k / pass@k of checkpoints on local JSONL benchmarks."""
