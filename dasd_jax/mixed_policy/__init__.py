@@ -1,0 +1,1 @@
+"""Mixed-policy distillation data (paper step 7): student prefixes, teacher continuations."""
