@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+from dasd_jax.evaluate.config import EvaluateConfig
+from dasd_jax.export import ExportConfig
+from dasd_jax.mixed_policy.config import MixedPolicyConfig
 from dasd_jax.models.qwen3 import ModelOptions
 from dasd_jax.sample.config import SampleConfig
 from dasd_jax.select.das import SelectConfig
@@ -56,7 +59,7 @@ class ScoreConfig:
     max_tokens: int = 65536  # prompt + response, student tokens; longer rows are rejected
     batch_tokens: int = 16384  # tokens per forward batch (rows x padded length)
     bucket_multiple: int = 128  # padded lengths are multiples of this (fewer compiles)
-    chunk_size: int = 1024  # log-prob chunk over the sequence
+    chunk_size: int = 1024  # fp32 logit rows (rows per device x positions) per log-prob chunk
     rows_per_shard: int = 256  # output is written in atomic shards of this many rows
     on_bad_row: str = "error"  # error | skip (skipped rows go to rejects.jsonl)
     # --- inputs (docs/score.md): released SFT rows, Candidate JSONL or OpenAI server dumps
@@ -104,6 +107,9 @@ class SelectStageConfig:
     records_per_file: int = 50000  # SFTRecords per ArrayRecord file
     source: str = ""  # SFTRecord.source; "" = low_t / high_t by temperature (else "unknown")
     high_t_from: float = 0.8  # temperature from which a sample counts as high_t
+    # all | low_t (T < high_t_from) | high_t: the candidates considered; the others are
+    # counted as other_temperature (the pipeline runs select once per class)
+    temperatures: str = "all"
     on_bad_row: str = "error"  # error | skip (a bad scored line goes to rejects)
     report: bool = True  # report.md + PNG plots (matplotlib) besides summary.json
     scatter_points: int = 20000  # sentences kept (seeded reservoir) for the p_T vs p_S plot
@@ -112,6 +118,10 @@ class SelectStageConfig:
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(
                 f"select_stage.on_bad_row must be error or skip, got {self.on_bad_row!r}"
+            )
+        if self.temperatures not in ("all", "low_t", "high_t"):
+            raise ValueError(
+                f"select_stage.temperatures must be all, low_t or high_t, got {self.temperatures!r}"
             )
         if self.records_per_file < 1 or self.scatter_points < 0:
             raise ValueError("select_stage.records_per_file must be >= 1, scatter_points >= 0")
@@ -133,6 +143,9 @@ class Config:
     stage1: StageConfig = field(default_factory=lambda: default_stage(1))
     stage2: StageConfig = field(default_factory=lambda: default_stage(2))
     stage3: StageConfig = field(default_factory=lambda: default_stage(3))
+    mixed_policy: MixedPolicyConfig = field(default_factory=MixedPolicyConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 class ConfigError(ValueError):

@@ -1,8 +1,9 @@
-"""`python -m dasd_jax.launch --stage=STAGE [--config=FILE] [key=value ...]`
+"""`python -m dasd_jax.launch --stage=STAGE [--config=FILE] [--force] [key=value ...]`
 
 Parses the command line, loads the typed config (defaults <- YAML <- overrides), starts the
 multi-host runtime when several processes are present, and dispatches to the stage's
-`run(cfg)`. Nothing else happens here: each stage lives in its own module.
+`run(cfg)` through `dasd_jax.pipeline` (the run directory's manifest; `--stage=all` runs every
+stage in order). Nothing else happens here: each stage lives in its own module.
 """
 
 from __future__ import annotations
@@ -32,12 +33,25 @@ STAGES: dict[str, tuple[str, str]] = {
     ),
     "1": ("dasd_jax.train.stage1", "SFT stage 1: the student on low-temperature data"),
     "2": ("dasd_jax.train.stage2", "SFT stage 2: from stage 1, on high-temperature data"),
+    "mixed_policy": (
+        "dasd_jax.mixed_policy.stage",
+        "stage-2 student prefixes cut in (0.5L, L), teacher continuations -> stage-3 data",
+    ),
     "3": ("dasd_jax.train.stage3", "SFT stage 3: from stage 2, on mixed-policy data"),
+    "evaluate": (
+        "dasd_jax.evaluate.stage",
+        "avg@k / pass@k of base and stage checkpoints on local JSONL benchmarks",
+    ),
+    "export": ("dasd_jax.export", "a stage checkpoint -> Hugging Face folder (transformers, vLLM)"),
 }
+
+
+ALL_HELP = "every stage in order; skips complete ones (docs/pipeline.md)"
 
 
 def _help_epilog() -> str:
     lines = ["stages:"] + [f"  {k:<14}{v[1]}" for k, v in STAGES.items()]
+    lines.append(f"  {'all':<14}{ALL_HELP}")
     lines += [
         "",
         "overrides: dotted keys, e.g. student.path=/ckpt/Qwen3-4B mesh.fsdp=4",
@@ -70,6 +84,11 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def stage_run(stage: str):
+    """The `run(cfg)` of a stage's module."""
+    return importlib.import_module(STAGES[stage][0]).run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dasd_jax.launch",
@@ -80,13 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stage",
         required=True,
-        choices=sorted(STAGES),
+        choices=[*STAGES, "all"],
         metavar="STAGE",
-        help="one of: " + ", ".join(STAGES),
+        help="one of: " + ", ".join([*STAGES, "all"]),
     )
     parser.add_argument("--config", default=None, help="YAML file of config differences")
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="redo a complete step whose inputs or config changed (its outputs are moved "
+        "aside); with --stage=all, also every later step",
     )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
@@ -102,9 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     maybe_initialize_distributed()
-    module = importlib.import_module(STAGES[args.stage][0])
-    summary = module.run(cfg)
-    print(json.dumps(summary, indent=2))
+    from dasd_jax import pipeline
+
+    try:
+        if args.stage == "all":
+            summary = pipeline.run_all(args.config, args.overrides, stage_run, force=args.force)
+        else:
+            step = pipeline.step_for(args.stage, cfg)
+            summary = pipeline.run_step(cfg, step, stage_run(args.stage), force=args.force)
+            print(json.dumps(summary, indent=2, default=str))
+    except pipeline.PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # 143 (128 + SIGTERM) tells launch/qr_resume.sh the stage stopped for a preemption and
     # saved its state, so the same command should run again.
     return 143 if isinstance(summary, dict) and summary.get("preempted") else 0
