@@ -5,11 +5,15 @@ reason)`, `stream(jobs, progress) -> (job, index, Candidate | reject reason)` an
 `occupancy()` (`stage.TeacherSampler` for our engine, `openai_client.OpenAIBackend` for a
 server); produces under `<run_dir>/sample/t<T>/` the part, stats and rejects files of each
 shard, plus `summary.json` and `metrics.jsonl` (layout and resume rules: stage.py and
-docs/sample.md).
+docs/sample.md). `run_dir` and the prompts file may be gs:// (`dasd_jax.storage`).
 
 A finished prompt (all its candidates, or its reject) is appended to the shard's journal with
 fsync; a shard's files are written atomically when its last prompt is in, the part file last,
-then the journal is removed. Candidate seeds and prompt ids are functions of the data only
+then the journal is removed. Journals and `metrics.jsonl` are appended to, so they live in
+`storage.local_dir(<run_dir>/sample/...)`: the output folder itself when local; for a gs://
+run_dir a mirror on this machine's disk (Cloud Storage has no append). The finished shard's
+files are published to the run_dir atomically (part file last), `metrics.jsonl` is uploaded
+at the end of the run. Candidate seeds and prompt ids are functions of the data only
 (`candidate_seed`, `prompt_id_of`), so a restart reproduces what a kill interrupted.
 """
 
@@ -27,6 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dasd_jax import storage
 from dasd_jax.config import Config
 from dasd_jax.progress import Progress
 from dasd_jax.records import BadRow, atomic_write, iter_jsonl, shard_name, write_json
@@ -66,7 +71,8 @@ class _Shard:
 
     temperature: float
     index: int
-    folder: Path
+    folder: str | Path  # the output folder (local or gs://)
+    local: str | Path | None = None  # where the journal is appended (None: `folder`)
     rows: dict[int, dict] = field(default_factory=dict)  # line -> {prompt_id, prompt, ...}
     pending: dict[int, dict[int, Candidate]] = field(default_factory=dict)  # line -> cands
     rejects: list[dict] = field(default_factory=list)
@@ -74,12 +80,13 @@ class _Shard:
     resumed: int = 0
 
     @property
-    def part(self) -> Path:
-        return self.folder / shard_name(self.index)
+    def part(self) -> str:
+        return storage.join(self.folder, shard_name(self.index))
 
     @property
     def journal(self) -> Path:
-        return self.folder / shard_name(self.index).replace(".jsonl", ".journal")
+        local = self.folder if self.local is None else self.local
+        return Path(local) / shard_name(self.index).replace(".jsonl", ".journal")
 
 
 def _read_journal(path: Path) -> dict[int, dict]:
@@ -124,7 +131,7 @@ def _finalize(shard: _Shard) -> dict:
     done = {line: e["candidates"] for line, e in journal.items() if "reject" not in e}
     cands = [Candidate.from_dict(c) for line in sorted(done) for c in done[line]]
     cands.sort(key=lambda c: (c.meta["line"], c.candidate))
-    with atomic_write(shard.folder / f"rejects.{shard_name(shard.index)}") as f:
+    with atomic_write(storage.join(shard.folder, f"rejects.{shard_name(shard.index)}")) as f:
         for r in sorted(rejects, key=lambda r: r["line"]):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     finish: dict[str, int] = {}
@@ -141,7 +148,8 @@ def _finalize(shard: _Shard) -> dict:
         "finish_reasons": finish,
         "resumed_prompts": shard.resumed,
     }
-    write_json(shard.folder / shard_name(shard.index).replace(".jsonl", ".stats.json"), stats)
+    stats_name = shard_name(shard.index).replace(".jsonl", ".stats.json")
+    write_json(storage.join(shard.folder, stats_name), stats)
     with atomic_write(shard.part) as f:
         for c in cands:
             f.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
@@ -149,7 +157,7 @@ def _finalize(shard: _Shard) -> dict:
     return stats
 
 
-def _prompt_shards(path: Path, size: int) -> Iterator[tuple[int, list, list]]:
+def _prompt_shards(path: str | Path, size: int) -> Iterator[tuple[int, list, list]]:
     """(shard index, [(line, row)], [(line, reason)] of malformed lines) by streaming; a
     malformed line belongs to the shard being filled (the caller raises or rejects)."""
     shard, rows, bad = 0, [], []
@@ -166,7 +174,7 @@ def _prompt_shards(path: Path, size: int) -> Iterator[tuple[int, list, list]]:
         yield shard, rows, bad
 
 
-def run_shards(cfg: Config, backend, data_path: Path, teacher_name: str) -> dict:
+def run_shards(cfg: Config, backend, data_path: str | Path, teacher_name: str) -> dict:
     """The stage's files around any backend with `prepare(prompt)` and `stream(jobs)`.
 
     Streams the prompts shard by shard (this process's shards), skips done shards and
@@ -175,14 +183,22 @@ def run_shards(cfg: Config, backend, data_path: Path, teacher_name: str) -> dict
     when its last prompt is.
     """
     sc = cfg.sample
-    out_root = Path(cfg.run_dir) / "sample"
-    out_root.mkdir(parents=True, exist_ok=True)
+    out_root = storage.join(cfg.run_dir, "sample")  # local or gs://
+    storage.makedirs(out_root)
+    remote = storage.is_remote(out_root)
     n_proc, proc = jax.process_count(), jax.process_index()
-    n_lines = sum(1 for line in data_path.open("rb") if line.strip())
+    with storage.open_read(data_path, "rb") as f:
+        n_lines = sum(1 for line in f if line.strip())
+    # progress lines are appended: a local file (a mirror when out_root is gs://), uploaded
+    # below; on gs:// each process has its own (their mirrors are on different machines)
+    metrics_name = "metrics.jsonl" if proc == 0 or not remote else f"metrics.process{proc}.jsonl"
+    metrics = Path(storage.local_dir(out_root)) / metrics_name
+    if remote and not metrics.exists() and storage.exists(storage.join(out_root, metrics_name)):
+        storage.copy(storage.join(out_root, metrics_name), metrics)  # resumed on a new machine
     progress = Progress(
         "sample",
         n_lines * sc.n * len(sc.temperatures),
-        out_root / "metrics.jsonl",
+        metrics,
         every_s=sc.progress_every_s,
     )
     t0 = time.perf_counter()
@@ -192,13 +208,17 @@ def run_shards(cfg: Config, backend, data_path: Path, teacher_name: str) -> dict
 
     def jobs() -> Iterator[Job]:
         for T in sc.temperatures:
-            folder = out_root / f"t{T:g}"
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = storage.join(out_root, f"t{T:g}")
+            storage.makedirs(folder)
+            local = storage.local_dir(folder)  # journals: `folder` itself when local
+            parts_done = {
+                os.path.basename(f) for f in storage.glob(storage.join(folder, "part-*.jsonl"))
+            }
             for index, rows, bad in _prompt_shards(data_path, sc.prompts_per_shard):
                 if index % n_proc != proc:
                     continue
-                shard = _Shard(T, index, folder)
-                if shard.part.exists():
+                shard = _Shard(T, index, folder, local)
+                if shard_name(index) in parts_done:
                     skipped[0] += 1
                     progress.update(len(rows) * sc.n)
                     continue
@@ -267,6 +287,12 @@ def run_shards(cfg: Config, backend, data_path: Path, teacher_name: str) -> dict
             del open_shards[(T, shard_index)]
     occupancy = backend.occupancy()
     progress.report(**({} if occupancy is None else {"occupancy": occupancy}))
+    if remote:
+        storage.copy(metrics, storage.join(out_root, metrics_name))
+    if n_proc > 1:  # every host's shards are written before process 0 sums them
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("dasd_jax sample done")
     summary = summarize(out_root)
     seconds = time.perf_counter() - t0
     summary.update(
@@ -281,12 +307,18 @@ def run_shards(cfg: Config, backend, data_path: Path, teacher_name: str) -> dict
     if occupancy is not None:
         summary["slot_occupancy"] = occupancy
     if proc == 0:
-        write_json(out_root / "summary.json", summary)
+        write_json(storage.join(out_root, "summary.json"), summary)
         print_table(out_root)
     return summary
 
 
-def summarize(out_root: Path) -> dict:
+def _finished(out_root: str | Path, pattern: str) -> list[str]:
+    """`<out_root>/t*/<pattern>` files, in the order of their (folder, name) parts."""
+    found = storage.glob(storage.join(out_root, "t*", pattern))
+    return sorted(found, key=lambda f: (os.path.basename(os.path.dirname(f)), f))
+
+
+def summarize(out_root: str | Path) -> dict:
     """Totals over every finished shard of every temperature."""
     totals: dict[str, Any] = {
         "shards": 0,
@@ -298,34 +330,37 @@ def summarize(out_root: Path) -> dict:
         "finish_reasons": {},
     }
     per_t: dict[str, int] = {}
-    for f in sorted(out_root.glob("t*/part-*.stats.json")):
-        if not f.with_name(f.name.replace(".stats.json", ".jsonl")).exists():
+    parts = set(_finished(out_root, "part-*.jsonl"))
+    for f in _finished(out_root, "part-*.stats.json"):
+        if f.replace(".stats.json", ".jsonl") not in parts:
             continue
-        s = json.loads(f.read_text())
+        s = json.loads(storage.read_text(f))
         totals["shards"] += 1
         for k in ("prompts_in", "prompts_out", "rejects", "candidates", "tokens"):
             totals[k] += s[k]
         for k, v in s["finish_reasons"].items():
             totals["finish_reasons"][k] = totals["finish_reasons"].get(k, 0) + v
-        per_t[f.parent.name] = per_t.get(f.parent.name, 0) + s["candidates"]
+        t = os.path.basename(os.path.dirname(f))
+        per_t[t] = per_t.get(t, 0) + s["candidates"]
     totals["candidates_per_temperature"] = per_t
     return totals
 
 
-def print_table(out_root: Path, limit: int = 8) -> None:
+def print_table(out_root: str | Path, limit: int = 8) -> None:
     """A few candidates, for a human reading the run's output."""
     print(f"{'T':>4} {'prompt':<12}{'cand':>5}{'tokens':>8} {'finish':<7}{'mean lp':>9}  text")
     shown = 0
-    for f in sorted(out_root.glob("t*/part-*.jsonl")):
-        for raw in f.open(encoding="utf-8"):
-            c = json.loads(raw)
-            lp = c["teacher"]["logprobs"]
-            mean = f"{np.mean(lp):.2f}" if lp else "-"
-            text = c["response"][:40].replace("\n", "\\n")
-            print(
-                f"{c['temperature']:>4g} {c['prompt_id'][:11]:<12}{c['candidate']:>5}"
-                f"{len(lp):>8} {c['finish_reason']:<7}{mean:>9}  {text!r}"
-            )
-            shown += 1
-            if shown >= limit:
-                return
+    for f in _finished(out_root, "part-*.jsonl"):
+        with storage.open_read(f) as fh:
+            for raw in fh:
+                c = json.loads(raw)
+                lp = c["teacher"]["logprobs"]
+                mean = f"{np.mean(lp):.2f}" if lp else "-"
+                text = c["response"][:40].replace("\n", "\\n")
+                print(
+                    f"{c['temperature']:>4g} {c['prompt_id'][:11]:<12}{c['candidate']:>5}"
+                    f"{len(lp):>8} {c['finish_reason']:<7}{mean:>9}  {text!r}"
+                )
+                shown += 1
+                if shown >= limit:
+                    return
