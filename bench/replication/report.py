@@ -1,0 +1,547 @@
+"""Statistics, tables and plots of the miniature replication.
+
+Consumes what `run.py` produced (evaluation rows per seed and arm, the select stage's
+`selected.jsonl` / `summary.json`, the teacher's scored candidates); produces the `results.json`
+content, `report.md` (tables shaped like the paper's Tables 3 and 7 with mean and 95% CI over
+seeds, paired differences, selection statistics) and `plots/*.png`.
+
+Statistics: avg@k of one run = mean over problems of (correct samples / k). Over seeds: mean and
+a 95% confidence interval from Student's t with n-1 degrees of freedom (n = seeds). DAS and
+random at one temperature share each seed's prompt subset, training order and evaluation
+random numbers, so their per-seed difference is paired: its mean and t interval are reported
+too. With few seeds the intervals are wide; they say how much the numbers can be trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from bench.replication import task
+
+# two-sided 95% quantiles of Student's t, df = 1..30 (beyond: 1.96)
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def mean_ci(values) -> dict:
+    """{mean, ci95 (half-width; None for one value), n, values}."""
+    v = [float(x) for x in values]
+    n = len(v)
+    if n == 0:
+        return {"mean": None, "ci95": None, "n": 0, "values": []}
+    m = float(np.mean(v))
+    if n == 1:
+        return {"mean": m, "ci95": None, "n": 1, "values": v}
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    return {"mean": m, "ci95": float(t * np.std(v, ddof=1) / math.sqrt(n)), "n": n, "values": v}
+
+
+def eval_summary(rows: list[dict], k: int) -> dict:
+    """avg@k, its standard error over problems, pass@k (any of k correct), output styles."""
+    per = np.array([sum(r["correct"]) / k for r in rows])
+    styles = Counter(s for r in rows for s in r["styles"])
+    n = sum(styles.values())
+    return {
+        "avg@k": float(per.mean()),
+        "stderr": float(per.std(ddof=1) / math.sqrt(len(per))) if len(per) > 1 else None,
+        "pass@k": float(np.mean([any(r["correct"]) for r in rows])),
+        "k": k,
+        "problems": len(rows),
+        "styles": {s: c / n for s, c in sorted(styles.items())},
+        "mean_tokens": float(np.mean([t for r in rows for t in r["tokens"]])),
+        "truncation_rate": float(np.mean([t for r in rows for t in r["truncated"]])),
+    }
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+def candidate_index(scored_dir: Path) -> dict[tuple[str, int], dict]:
+    """(prompt id, candidate) -> style, correct, student tokens, sentences, of every scored
+    candidate (the score stage's part files)."""
+    from dasd_jax.select.sentences import split_sentences
+
+    out = {}
+    for part in sorted(scored_dir.glob("part-*.jsonl")):
+        for line in part.read_text().splitlines():
+            c = json.loads(line)
+            gold = c.get("reference_answer")
+            out[c["prompt_id"], int(c["candidate"])] = {
+                "style": task.detect_style(c["response"]),
+                "correct": gold is not None and task.exact_match(c["response"], gold) is True,
+                "student_tokens": len((c.get("student") or {}).get("token_ids") or []),
+                "teacher_tokens": len((c.get("teacher") or {}).get("token_ids") or []),
+                "sentences": len(split_sentences(c["response"])),
+                "finish_reason": c.get("finish_reason"),
+            }
+    return out
+
+
+def pool_stats(index: dict) -> dict:
+    vals = list(index.values())
+    styles = Counter(v["style"] for v in vals)
+    return {
+        "candidates": len(vals),
+        "correct": float(np.mean([v["correct"] for v in vals])) if vals else None,
+        "styles": {s: c / len(vals) for s, c in sorted(styles.items())},
+        "correct_by_style": {
+            s: float(np.mean([v["correct"] for v in vals if v["style"] == s])) for s in styles
+        },
+        "mean_student_tokens": float(np.mean([v["student_tokens"] for v in vals])),
+        "truncated": float(np.mean([v["finish_reason"] == "length" for v in vals])),
+    }
+
+
+def read_selected(folder: Path) -> list[dict]:
+    path = folder / "selected.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def selection_stats(folder: Path, index: dict) -> dict:
+    """What a select run kept: how many, how often right, in which styles, how long, and its
+    sentence types (the stage's own counts)."""
+    sel = read_selected(folder)
+    info = [index[s["prompt_id"], int(s["candidate"])] for s in sel]
+    styles = Counter(i["style"] for i in info)
+    n = max(len(sel), 1)
+    kinds = {
+        k: int(sum(s.get(f"n_{k}", 0) or 0 for s in sel))
+        for k in ("teacher", "student", "shared", "unscored")
+    }
+    total = max(sum(kinds.values()) - kinds["unscored"], 1)
+    return {
+        "selected": len(sel),
+        "prompts": len({s["prompt_id"] for s in sel}),
+        "correct": float(np.mean([i["correct"] for i in info])) if info else None,
+        "styles": {s: c / n for s, c in sorted(styles.items())},
+        "mean_student_tokens": float(np.mean([i["student_tokens"] for i in info])) if info else 0,
+        "student_tokens": int(sum(i["student_tokens"] for i in info)),
+        "sentence_kinds": kinds,
+        "sentence_fractions": {k: kinds[k] / total for k in ("teacher", "student", "shared")},
+    }
+
+
+def kinds_by_style(folder: Path, index: dict) -> dict:
+    """Mean Teacher / Student / Shared sentences per candidate, by style (a select run that
+    kept every candidate)."""
+    acc: dict[str, list] = {}
+    for s in read_selected(folder):
+        style = index[s["prompt_id"], int(s["candidate"])]["style"]
+        acc.setdefault(style, []).append([s.get(f"n_{k}", 0) or 0 for k in KINDS])
+    return {
+        style: {"candidates": len(v), **dict(zip(KINDS, np.mean(v, axis=0).tolist(), strict=True))}
+        for style, v in sorted(acc.items())
+    }
+
+
+KINDS = ("teacher", "student", "shared")
+POSITIONS = ("line 1", "line 2", "line 3+", "answer")
+
+
+def sentence_probabilities(scored_dir: Path, betas) -> dict:
+    """Per (style, position) of the counted sentences of every scored candidate: how many,
+    mean p_T and p_S (geometric-mean token probabilities, `das.score_response`), and the
+    share classified Teacher / Student at each beta. Position: the line of the thinking part
+    (1, 2, 3 or later) or the answer sentence."""
+    from dasd_jax.select import das
+
+    acc: dict[tuple[str, str], list] = {}
+    for part in sorted(scored_dir.glob("part-*.jsonl")):
+        for line in part.read_text().splitlines():
+            c = json.loads(line)
+            t, s = c.get("teacher") or {}, c.get("student") or {}
+            if not t.get("offsets") or not s.get("offsets"):
+                continue
+            text = c["response"]
+            r = das.score_response(text, t["offsets"], t["logprobs"], s["offsets"], s["logprobs"])
+            style = task.detect_style(text)
+            close = text.find("</think>")
+            n_line = 0
+            for (a, _), pt, ps, counted in zip(
+                r.spans, r.p_teacher, r.p_student, r.counted, strict=True
+            ):
+                if not counted or math.isnan(pt) or math.isnan(ps):
+                    continue
+                if 0 <= close <= a:
+                    where = "answer"
+                else:
+                    n_line += 1
+                    where = f"line {n_line}" if n_line < 3 else "line 3+"
+                acc.setdefault((style, where), []).append((pt, ps))
+    out: dict = {}
+    for (style, where), v in sorted(acc.items()):
+        a = np.asarray(v)
+        d = a[:, 0] - a[:, 1]
+        out.setdefault(style, {})[where] = {
+            "sentences": len(a),
+            "p_teacher": float(a[:, 0].mean()),
+            "p_student": float(a[:, 1].mean()),
+            "teacher_share": {f"{b:g}": float(np.mean(d > b + 1e-9)) for b in betas},
+            "student_share": {f"{b:g}": float(np.mean(-d > b + 1e-9)) for b in betas},
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- results
+
+
+def build(out, p, preset_name, arms, temps, sets, model_info, evals, teacher_eval, selections):
+    """Every number of the report, as one JSON-able dict."""
+    from bench.replication.run import tdir
+
+    seeds = sorted(evals)
+    index = {tdir(t): candidate_index(out / "pool" / f"score_{tdir(t)}" / "score") for t in temps}
+    res: dict = {
+        "preset": preset_name,
+        "seeds": seeds,
+        "settings": json.loads(json.dumps(p.__dict__)),
+        "models": {
+            name: {k: info[k] for k in ("params", "vocab_size", "examples", "seconds", "losses")}
+            for name, info in model_info.items()
+        },
+        "teacher_eval": {k: v for k, v in teacher_eval.items() if k != "rows"},
+        "pool": {name: pool_stats(ix) for name, ix in index.items()},
+    }
+    # avg@k per arm over seeds
+    names = ["base"] + [a.name for a in arms]
+    res["avg@k"] = {n: mean_ci([evals[s][n]["avg@k"] for s in seeds]) for n in names}
+    res["eval_details"] = {
+        n: {str(s): {k: v for k, v in evals[s][n].items() if k != "rows"} for s in seeds}
+        for n in names
+    }
+    # paired differences (same seed: same prompts, order, evaluation random numbers)
+    pairs = {
+        "das_t0.6 - rs_t0.6": ("das_t0.6", "rs_t0.6"),
+        "das_t1.0 - rs_t1.0": ("das_t1.0", "rs_t1.0"),
+        "das_t1.0 - rs_t1.0_2x": ("das_t1.0", "rs_t1.0_2x"),
+        "das_t0.6_then_t1.0 - das_t1.0": ("das_t0.6_then_t1.0", "das_t1.0"),
+        "das_t0.6_then_t1.0 - rs_t1.0_2x": ("das_t0.6_then_t1.0", "rs_t1.0_2x"),
+        "das_t0.6_then_t1.0 - das_t0.6": ("das_t0.6_then_t1.0", "das_t0.6"),
+    }
+    res["paired"] = {
+        k: mean_ci([evals[s][a]["avg@k"] - evals[s][b]["avg@k"] for s in seeds])
+        for k, (a, b) in pairs.items()
+    }
+    # what each arm trained on
+    sel: dict = {}
+    for a in arms:
+        src = a.data_from or a.name
+        per_seed = [
+            selection_stats(out / f"seed{s}" / src / "select", index[tdir(a.temperature)])
+            for s in seeds
+        ]
+        sel[a.name] = {
+            "per_seed": per_seed,
+            "selected": mean_ci([x["selected"] for x in per_seed]),
+            "correct": mean_ci([x["correct"] for x in per_seed]),
+            "mean_student_tokens": mean_ci([x["mean_student_tokens"] for x in per_seed]),
+            "styles": _mean_dicts([x["styles"] for x in per_seed]),
+            "sentence_fractions": _mean_dicts([x["sentence_fractions"] for x in per_seed]),
+        }
+        sel[a.name]["train_steps"] = [
+            _final_steps(out / f"seed{s}" / a.name / f"stage{a.stage}") for s in seeds
+        ]
+    res["selection"] = sel
+    # selection-only analysis: sentence types by style; DAS's pick at each beta
+    res["analysis"] = {}
+    for name, sels in selections.items():
+        res["analysis"][name] = {
+            "kinds_by_style": kinds_by_style(sels["all"], index[name]),
+            "sentences": sentence_probabilities(out / "pool" / f"score_{name}" / "score", p.betas),
+            "beta": {
+                f"{b:g}": selection_stats(folder, index[name])
+                for b, folder in sels["picks"].items()
+            },
+            "random_pick_expectation": pool_stats(index[name]),
+        }
+    res["tables"] = tables(res, arms)
+    res["plots"] = plots(out, res, arms)
+    return res
+
+
+def _mean_dicts(ds: list[dict]) -> dict:
+    keys = sorted({k for d in ds for k in d})
+    return {k: float(np.mean([d.get(k, 0.0) for d in ds])) for k in keys}
+
+
+def _final_steps(stage_dir: Path) -> int | None:
+    f = stage_dir / "final.json"
+    return json.loads(f.read_text()).get("step") if f.exists() else None
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _temp(name: str) -> str:
+    """The sample stage's folder name ("t1") as a temperature ("1.0")."""
+    return f"{float(name[1:]):.1f}"
+
+
+def _pct(x: dict) -> str:
+    if x["mean"] is None:
+        return "-"
+    ci = "" if x["ci95"] is None else f" ± {100 * x['ci95']:.1f}"
+    return f"{100 * x['mean']:.1f}{ci}"
+
+
+def _signed(x: dict) -> str:
+    if x["mean"] is None:
+        return "-"
+    ci = "" if x["ci95"] is None else f" ± {100 * x['ci95']:.1f}"
+    return f"{100 * x['mean']:+.1f}{ci}"
+
+
+LABELS = {
+    "base": "student before distillation",
+    "rs_t0.6": "B RS T=0.6",
+    "das_t0.6": "**B DAS T=0.6**",
+    "rs_t1.0": "B RS T=1.0",
+    "rs_t1.0_2x": "2B RS T=1.0",
+    "das_t1.0": "**B DAS T=1.0**",
+    "das_t0.6_then_t1.0": "B DAS T=0.6, then B DAS T=1.0 (stage 2)",
+}
+
+
+def tables(res: dict, arms) -> dict:
+    b = res["settings"]["budget"]
+    k = res["settings"]["k"]
+    n = len(res["seeds"])
+    acc, sel = res["avg@k"], res["selection"]
+    head = (
+        f"| data (B = {b} prompts) | avg@{k} (%), mean ± 95% CI, {n} seeds | per seed | "
+        "selected correct (%) | student tokens / sample |\n|---|---|---|---|---|\n"
+    )
+
+    def row(name):
+        s = sel.get(name)
+        per = ", ".join(f"{100 * v:.1f}" for v in acc[name]["values"])
+        corr = _pct(s["correct"]) if s else "-"
+        toks = f"{s['mean_student_tokens']['mean']:.0f}" if s else "-"
+        return f"| {LABELS[name]} | {_pct(acc[name])} | {per} | {corr} | {toks} |\n"
+
+    t3 = head + "".join(
+        row(n_) for n_ in ("rs_t0.6", "das_t0.6", "rs_t1.0", "rs_t1.0_2x", "das_t1.0")
+    )
+    t7 = (
+        f"| stage | avg@{k} (%), mean ± 95% CI, {n} seeds | per seed |\n|---|---|---|\n"
+        + "".join(
+            f"| {lab} | {_pct(acc[nm])} | "
+            + ", ".join(f"{100 * v:.1f}" for v in acc[nm]["values"])
+            + " |\n"
+            for nm, lab in (
+                ("base", "student (pre-trained on the related distribution)"),
+                ("das_t0.6", "+ low-temperature training (DAS, stage 1)"),
+                ("das_t0.6_then_t1.0", "+ high-temperature training (DAS, stage 2)"),
+            )
+        )
+        + f"| for comparison: B DAS T=1.0 without the low-T stage | {_pct(acc['das_t1.0'])} | "
+        + ", ".join(f"{100 * v:.1f}" for v in acc["das_t1.0"]["values"])
+        + " |\n"
+        + f"| for comparison: 2B RS T=1.0 (same sample count as the schedule) | "
+        f"{_pct(acc['rs_t1.0_2x'])} | "
+        + ", ".join(f"{100 * v:.1f}" for v in acc["rs_t1.0_2x"]["values"])
+        + " |\n"
+    )
+    paired = "| difference (same seeds) | avg@k points, mean ± 95% CI |\n|---|---|\n" + "".join(
+        f"| {k_} | {_signed(v)} |\n" for k_, v in res["paired"].items()
+    )
+    styles = sorted({s for a in sel.values() for s in a["styles"]})
+    sel_tab = (
+        "| arm | "
+        + " | ".join(f"{s} (%)" for s in styles)
+        + " | Teacher / Student / Shared sentences (%) | correct (%) |\n|---|"
+        + "---|" * (len(styles) + 2)
+        + "\n"
+    )
+    for name, s in sel.items():
+        f = s["sentence_fractions"]
+        sel_tab += (
+            f"| {name} | "
+            + " | ".join(f"{100 * s['styles'].get(st, 0):.0f}" for st in styles)
+            + f" | {100 * f.get('teacher', 0):.0f} / {100 * f.get('student', 0):.0f} / "
+            f"{100 * f.get('shared', 0):.0f} | {_pct(s['correct'])} |\n"
+        )
+    kinds = ""
+    beta = ""
+    probs = ""
+    betas = [f"{b:g}" for b in res["settings"]["betas"]]
+    for t, a in res["analysis"].items():
+        probs += f"\nT = {_temp(t)}:\n\n| style | position | sentences | mean p_T | mean p_S | "
+        probs += " | ".join(f"Teacher at beta {b} (%)" for b in betas) + " |\n|---|---|---|---|---|"
+        probs += "---|" * len(betas) + "\n"
+        for style, per in a["sentences"].items():
+            for where in POSITIONS:
+                if where not in per:
+                    continue
+                v = per[where]
+                probs += (
+                    f"| {style} | {where} | {v['sentences']} | {v['p_teacher']:.3f} | "
+                    f"{v['p_student']:.3f} | "
+                    + " | ".join(f"{100 * v['teacher_share'][b]:.0f}" for b in betas)
+                    + " |\n"
+                )
+        kinds += f"\nT = {_temp(t)}:\n\n| style | candidates | Teacher | Student | Shared |\n"
+        kinds += "|---|---|---|---|---|\n"
+        for style, v in a["kinds_by_style"].items():
+            kinds += (
+                f"| {style} | {v['candidates']} | {v['teacher']:.2f} | {v['student']:.2f} | "
+                f"{v['shared']:.2f} |\n"
+            )
+        pool = a["random_pick_expectation"]
+        beta += f"\nT = {_temp(t)} (all {pool['candidates']} candidates: "
+        beta += f"{100 * pool['correct']:.1f}% correct):\n\n"
+        beta += "| beta | kept | correct (%) | " + " | ".join(f"{s} (%)" for s in styles)
+        beta += " | Teacher sentences (%) |\n|---|---|---|" + "---|" * (len(styles) + 1) + "\n"
+        for bname, v in a["beta"].items():
+            beta += (
+                f"| {bname} | {v['selected']} | {100 * (v['correct'] or 0):.1f} | "
+                + " | ".join(f"{100 * v['styles'].get(st, 0):.0f}" for st in styles)
+                + f" | {100 * v['sentence_fractions']['teacher']:.0f} |\n"
+            )
+    return {
+        "table3": t3,
+        "table7": t7,
+        "paired": paired,
+        "selection": sel_tab,
+        "kinds_by_style": kinds,
+        "beta": beta,
+        "sentence_probabilities": probs,
+    }
+
+
+def write_markdown(out: Path, res: dict) -> Path:
+    t = res["tables"]
+    te = res["teacher_eval"]
+    pool = res["pool"]
+    lines = [
+        f"# Miniature replication ({res['preset']} preset, seeds {res['seeds']})",
+        "",
+        f"Command: `{res.get('command', '')}`; wall time {res.get('timings_s', {})} s.",
+        "",
+        f"Teacher avg@{te['k']} on the held-out set at T=1.0: {100 * te['avg@k']:.1f}%. "
+        + "Teacher candidates correct: "
+        + ", ".join(f"T={_temp(name)}: {100 * v['correct']:.1f}%" for name, v in pool.items())
+        + ".",
+        "",
+        "## DAS vs random at the same budget (cf. paper Table 3)",
+        "",
+        t["table3"],
+        "## Temperature schedule (cf. paper Table 7 and Table 1's cold start)",
+        "",
+        t["table7"],
+        "## Paired differences",
+        "",
+        t["paired"],
+        "## What each arm trained on (mean over seeds)",
+        "",
+        t["selection"],
+        "## Sentence types per candidate, by style (beta = 0.1)",
+        t["kinds_by_style"],
+        "## Sentence probabilities by style and position (all candidates)",
+        t["sentence_probabilities"],
+        "## DAS's pick at several beta (all prompts, one per prompt)",
+        t["beta"],
+        "## Plots",
+        "",
+        *[f"![{Path(x).stem}]({x})" for x in res["plots"]],
+        "",
+    ]
+    path = out / "report.md"
+    from dasd_jax.records import atomic_write
+
+    with atomic_write(path) as f:
+        f.write("\n".join(lines))
+    return path
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plots(out: Path, res: dict, arms) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = out / "plots"
+    d.mkdir(parents=True, exist_ok=True)
+    files = []
+
+    # 1. avg@k per arm: mean, 95% CI, seeds
+    names = ["base"] + [a.name for a in arms]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, n in enumerate(names):
+        a = res["avg@k"][n]
+        ax.bar(i, 100 * a["mean"], color="tab:orange" if n.startswith("das") else "tab:blue")
+        if a["ci95"] is not None:
+            ax.errorbar(i, 100 * a["mean"], yerr=100 * a["ci95"], color="k", capsize=4)
+        ax.scatter([i] * len(a["values"]), [100 * v for v in a["values"]], color="k", s=10)
+    ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel(f"avg@{res['settings']['k']} (%)")
+    ax.set_title("held-out accuracy per arm (bars: mean, lines: 95% CI, dots: seeds)")
+    fig.tight_layout()
+    files.append(_save(fig, d / "avg_at_k.png", out))
+
+    # 2. styles of the selected data per arm
+    sel = res["selection"]
+    styles = sorted({s for a in sel.values() for s in a["styles"]})
+    fig, ax = plt.subplots(figsize=(9, 4))
+    bottom = np.zeros(len(sel))
+    for st in styles:
+        v = np.array([100 * a["styles"].get(st, 0) for a in sel.values()])
+        ax.bar(range(len(sel)), v, bottom=bottom, label=st)
+        bottom += v
+    ax.set_xticks(range(len(sel)), list(sel), rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("% of selected samples")
+    ax.set_title("CoT styles of each arm's training data")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(_save(fig, d / "selected_styles.png", out))
+
+    # 3. sentence types per candidate by style, 4. beta sweep
+    an = res["analysis"]
+    fig, axes = plt.subplots(1, len(an), figsize=(5 * len(an), 4), squeeze=False)
+    for ax, (t, a) in zip(axes[0], an.items(), strict=True):
+        kb = a["kinds_by_style"]
+        x = np.arange(len(kb))
+        for j, kind in enumerate(KINDS):
+            ax.bar(x + 0.25 * (j - 1), [v[kind] for v in kb.values()], 0.25, label=kind)
+        ax.set_xticks(x, list(kb))
+        ax.set_title(f"sentences per candidate, T={_temp(t)} (beta 0.1)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(_save(fig, d / "sentence_types_by_style.png", out))
+
+    fig, axes = plt.subplots(1, len(an), figsize=(5 * len(an), 4), squeeze=False)
+    for ax, (t, a) in zip(axes[0], an.items(), strict=True):
+        betas = list(a["beta"])
+        x = [float(b) for b in betas]
+        for st in styles:
+            ax.plot(x, [100 * a["beta"][b]["styles"].get(st, 0) for b in betas], "o-", label=st)
+        ax.plot(x, [100 * (a["beta"][b]["correct"] or 0) for b in betas], "k--", label="correct")
+        ax.axhline(100 * a["random_pick_expectation"]["correct"], color="gray", lw=0.8)
+        ax.set_xlabel("beta")
+        ax.set_ylabel("% of DAS picks")
+        ax.set_title(f"DAS picks vs beta, T={_temp(t)} (gray: all candidates correct)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    files.append(_save(fig, d / "beta.png", out))
+    return files
+
+
+def _save(fig, path: Path, out: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return str(path.relative_to(out))
