@@ -1,11 +1,13 @@
-"""The decoder skeleton the MoE ports share: inputs and KV-cache bookkeeping, the layer scan.
+"""The decoder skeleton every model port shares (Qwen3, Qwen3-MoE, gpt-oss): inputs and
+KV-cache bookkeeping, the projections around attention, the layer scan.
 
-Consumes token ids with optional positions, segment ids and a `qwen3.KVCache`; produces the
-per-call attention inputs (`Inputs`), cache writes, and runs a per-layer function over stacked
-weights with `jax.lax.scan` (optionally rematerialised). The semantics are those of
-`qwen3.Qwen3.hidden_states`, so every model behaves the same way with a cache: a row holds one
-sequence, the token at position p lives in slot p, tokens with segment id 0 are not written,
-and a query attends to the filled slots at positions <= its own.
+Consumes token ids with optional positions, segment ids and a `KVCache`; produces the per-call
+attention inputs (`Inputs`), q/k/v and output projections, cache writes and the attention call,
+and runs a per-layer function over stacked weights with `jax.lax.scan` (optionally
+rematerialised). Every model behaves the same way with a cache: a row holds one sequence, the
+token at position p lives in slot p, tokens with segment id 0 are not written, and a query
+attends to the filled slots at positions <= its own. What differs between the models (q/k
+norms, the RoPE variant, sliding windows and sinks, the MLP or experts) stays in their files.
 
 Shape letters as in qwen3.py (B batch, T query length, S cache slots, K kv heads, H head dim).
 """
@@ -20,7 +22,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dasd_jax.models.qwen3 import REMAT_POLICIES, KVCache
+from dasd_jax.models.attention import attention
+from dasd_jax.sharding import constrain
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class KVCache:
+    """Per-layer keys/values for S slots per row; `lengths_B` slots are filled.
+
+    A row holds one sequence: the token at position p lives in slot p.
+    """
+
+    k_LBSKH: jax.Array
+    v_LBSKH: jax.Array
+    lengths_B: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.k_LBSKH.shape[2]
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclass(frozen=True)
@@ -74,6 +100,46 @@ def update_kv(kv, k_BTKH, v_BTKH, inputs: Inputs, dtype):
     k_all = kv[0].at[b_idx, slots].set(k_BTKH.astype(kv[0].dtype), mode="drop")
     v_all = kv[1].at[b_idx, slots].set(v_BTKH.astype(kv[1].dtype), mode="drop")
     return k_all.astype(dtype), v_all.astype(dtype), (k_all, v_all)
+
+
+def project_qkv(h_BTD: jax.Array, w: dict, bias: bool, mesh) -> tuple[jax.Array, ...]:
+    """q [B, T, N, H] (sharded by heads), k and v [B, T, K, H] from the normed layer input,
+    plus the q/k/v biases when the model has them."""
+    q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, w["q_proj"])
+    k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, w["k_proj"])
+    v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, w["v_proj"])
+    if bias:
+        q_BTNH = q_BTNH + w["q_bias"]
+        k_BTKH = k_BTKH + w["k_bias"]
+        v_BTKH = v_BTKH + w["v_bias"]
+    q_BTNH = constrain(q_BTNH, ("act_batch", "act_seq", "act_heads", None), mesh)
+    return q_BTNH, k_BTKH, v_BTKH
+
+
+def attend(
+    q_BTNH, k_BSKH, v_BSKH, inputs: Inputs, *, scale, implementation, cached, mesh, **extra
+) -> jax.Array:
+    """`attention.attention` with this call's positions and segment masks. A cached call
+    (decode, prefill into a cache) always uses the XLA path; `extra`: sliding_window, sinks_N."""
+    return attention(
+        q_BTNH,
+        k_BSKH,
+        v_BSKH,
+        q_positions_BT=inputs.positions_BT,
+        kv_positions_BS=inputs.kv_positions_BS,
+        q_segment_ids_BT=inputs.q_segment_ids_BT,
+        kv_segment_ids_BS=inputs.kv_segment_ids_BS,
+        scale=scale,
+        implementation="xla" if cached else implementation,
+        mesh=mesh,
+        **extra,
+    )
+
+
+def project_out(a_BTNH: jax.Array, w: dict, bias: bool) -> jax.Array:
+    """The attention output projection [B, T, D] (plus its bias)."""
+    out_BTD = jnp.einsum("btnh,nhd->btd", a_BTNH, w["o_proj"])
+    return out_BTD + w["o_bias"] if bias else out_BTD
 
 
 def stacked_weights(layers: nnx.Module) -> dict[str, jax.Array]:

@@ -46,7 +46,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dasd_jax.models import decoder, mxfp4
-from dasd_jax.models.attention import attention
 from dasd_jax.models.moe import (
     Experts,
     expert_weights_format,
@@ -549,29 +548,20 @@ class GptOss(CausalLM):
             if "gate_up_proj_blocks" in w:
                 w["gate_up_proj"], w["down_proj"] = _decode_experts(w, dt)
             h_BTD = rms_norm(x_BTD, w["input_layernorm"], cfg.rms_norm_eps)
-            q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, w["q_proj"])
-            k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, w["k_proj"])
-            v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, w["v_proj"])
-            if cfg.attention_bias:
-                q_BTNH = q_BTNH + w["q_bias"]
-                k_BTKH = k_BTKH + w["k_bias"]
-                v_BTKH = v_BTKH + w["v_bias"]
-            q_BTNH = constrain(q_BTNH, ("act_batch", "act_seq", "act_heads", None), mesh)
+            q_BTNH, k_BTKH, v_BTKH = decoder.project_qkv(h_BTD, w, cfg.attention_bias, mesh)
             q_BTNH = apply_rope(q_BTNH, cos_BTh, sin_BTh)
             k_BTKH = apply_rope(k_BTKH, cos_BTh, sin_BTh)
             k_all, v_all, new_kv = decoder.update_kv(kv, k_BTKH, v_BTKH, inputs, dt)
 
             def attend(window):
-                return attention(
+                return decoder.attend(
                     q_BTNH,
                     k_all,
                     v_all,
-                    q_positions_BT=inputs.positions_BT,
-                    kv_positions_BS=inputs.kv_positions_BS,
-                    q_segment_ids_BT=inputs.q_segment_ids_BT,
-                    kv_segment_ids_BS=inputs.kv_segment_ids_BS,
+                    inputs,
                     scale=H**-0.5,
-                    implementation=self.opts.attention if kv is None else "xla",
+                    implementation=self.opts.attention,
+                    cached=kv is not None,
                     mesh=mesh,
                     sliding_window=window,
                     sinks_N=w["sinks"],
@@ -583,10 +573,7 @@ class GptOss(CausalLM):
                 )
             else:
                 a_BTNH = attend(cfg.sliding_window if sliding_L.all() else None)
-            out_BTD = jnp.einsum("btnh,nhd->btd", a_BTNH, w["o_proj"])
-            if cfg.attention_bias:
-                out_BTD = out_BTD + w["o_bias"]
-            x_BTD = x_BTD + out_BTD
+            x_BTD = x_BTD + decoder.project_out(a_BTNH, w, cfg.attention_bias)
 
             h_MD = rms_norm(x_BTD, w["post_attention_layernorm"], cfg.rms_norm_eps)
             h_MD = h_MD.reshape(B * T, D)

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from dasd_jax.models.attention import attention
+from dasd_jax.models import decoder
+from dasd_jax.models.decoder import REMAT_POLICIES, KVCache  # noqa: F401 - re-exported
 from dasd_jax.sharding import constrain
 
 # --------------------------------------------------------------------------- configs
@@ -245,27 +246,29 @@ def rope(x_BTnH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
     return x_BTnH * cos + rotated * sin
 
 
-@jax.tree_util.register_dataclass
-@dataclass
-class KVCache:
-    """Per-layer keys/values for S slots per row; `lengths_B` slots are filled.
+def attention_block(x_BTD, w: dict, kv, inputs: decoder.Inputs, cfg, opts, mesh):
+    """The attention half of a Qwen3 (and Qwen3-MoE) decoder layer: pre-norm, q/k/v (+ biases),
+    per-head q/k RMSNorm, RoPE, cache write, attention, output projection, residual. `w`: this
+    layer's weights in compute dtype; `kv`: this layer's (k, v) cache or None. Returns the new
+    residual stream and this layer's updated cache (None without one)."""
+    eps, pos_BT = cfg.rms_norm_eps, inputs.positions_BT
+    h_BTD = rms_norm(x_BTD, w["input_layernorm"], eps)
+    q_BTNH, k_BTKH, v_BTKH = decoder.project_qkv(h_BTD, w, cfg.attention_bias, mesh)
+    q_BTNH = rope(rms_norm(q_BTNH, w["q_norm"], eps), pos_BT, cfg.rope_theta)
+    k_BTKH = rope(rms_norm(k_BTKH, w["k_norm"], eps), pos_BT, cfg.rope_theta)
+    k_all, v_all, new_kv = decoder.update_kv(kv, k_BTKH, v_BTKH, inputs, jnp.dtype(opts.dtype))
+    a_BTNH = decoder.attend(
+        q_BTNH,
+        k_all,
+        v_all,
+        inputs,
+        scale=cfg.head_dim**-0.5,
+        implementation=opts.attention,
+        cached=kv is not None,
+        mesh=mesh,
+    )
+    return x_BTD + decoder.project_out(a_BTNH, w, cfg.attention_bias), new_kv
 
-    A row holds one sequence: the token at position p lives in slot p.
-    """
-
-    k_LBSKH: jax.Array
-    v_LBSKH: jax.Array
-    lengths_B: jax.Array
-
-    @property
-    def max_length(self) -> int:
-        return self.k_LBSKH.shape[2]
-
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 # per-layer weight name -> logical axes of its [L, ...] array
 LAYER_AXES: dict[str, tuple[str | None, ...]] = {
@@ -402,88 +405,14 @@ class Qwen3(CausalLM):
         p (tokens with segment id 0 are not written) and attends to slots <= p.
         """
         cfg, dt, mesh = self.cfg, jnp.dtype(self.opts.dtype), self.mesh
-        B, T = tokens_BT.shape
-        if positions_BT is None:
-            start = 0 if cache is None else cache.lengths_B[:, None]
-            positions_BT = start + jnp.arange(T, dtype=jnp.int32)[None, :]
-        if segment_ids_BT is None:
-            segment_ids_BT = jnp.ones((B, T), jnp.int32)
-        positions_BT = positions_BT.astype(jnp.int32)
-        segment_ids_BT = segment_ids_BT.astype(jnp.int32)
-
+        inputs = decoder.prepare_inputs(tokens_BT, positions_BT, segment_ids_BT, cache)
         x_BTD = self.embed_tokens[...].astype(dt)[tokens_BT]
         x_BTD = constrain(x_BTD, ("act_batch", "act_seq", "act_embed"), mesh)
-        weights = {
-            name: getattr(self.layers, name)[...]
-            for name in vars(self.layers)
-            if isinstance(getattr(self.layers, name), nnx.Param)
-        }
-
-        if cache is None:
-            kv_pos, kv_seg, q_seg, slots_BT, new_lengths = (
-                positions_BT,
-                segment_ids_BT,
-                segment_ids_BT,
-                None,
-                None,
-            )
-            cache_xs = None
-        else:
-            S = cache.max_length
-            valid_BT = segment_ids_BT != 0
-            # slot S is out of range: scatter with mode="drop" skips padding tokens
-            slots_BT = jnp.where(valid_BT, positions_BT, S)
-            written = jnp.max(jnp.where(valid_BT, positions_BT + 1, 0), axis=1)
-            new_lengths = jnp.maximum(cache.lengths_B, written)
-            kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None], (B, S))
-            kv_seg = (kv_pos < new_lengths[:, None]).astype(jnp.int32)
-            q_seg = valid_BT.astype(jnp.int32)
-            cache_xs = (cache.k_LBSKH, cache.v_LBSKH)
 
         def layer(x_BTD, xs):
             w, kv = xs
             w = {k: v.astype(dt) for k, v in w.items()}
-            h_BTD = rms_norm(x_BTD, w["input_layernorm"], cfg.rms_norm_eps)
-            q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, w["q_proj"])
-            k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, w["k_proj"])
-            v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, w["v_proj"])
-            if cfg.attention_bias:
-                q_BTNH, k_BTKH, v_BTKH = (
-                    q_BTNH + w["q_bias"],
-                    k_BTKH + w["k_bias"],
-                    v_BTKH + w["v_bias"],
-                )
-            q_BTNH = constrain(q_BTNH, ("act_batch", "act_seq", "act_heads", None), mesh)
-            q_BTNH = rope(
-                rms_norm(q_BTNH, w["q_norm"], cfg.rms_norm_eps), positions_BT, cfg.rope_theta
-            )
-            k_BTKH = rope(
-                rms_norm(k_BTKH, w["k_norm"], cfg.rms_norm_eps), positions_BT, cfg.rope_theta
-            )
-            if kv is None:
-                k_all, v_all, new_kv = k_BTKH, v_BTKH, None
-            else:
-                b_idx = jnp.arange(B)[:, None]
-                k_all = kv[0].at[b_idx, slots_BT].set(k_BTKH.astype(kv[0].dtype), mode="drop")
-                v_all = kv[1].at[b_idx, slots_BT].set(v_BTKH.astype(kv[1].dtype), mode="drop")
-                new_kv = (k_all, v_all)
-                k_all, v_all = k_all.astype(dt), v_all.astype(dt)
-            a_BTNH = attention(
-                q_BTNH,
-                k_all,
-                v_all,
-                q_positions_BT=positions_BT,
-                kv_positions_BS=kv_pos,
-                q_segment_ids_BT=q_seg,
-                kv_segment_ids_BS=kv_seg,
-                scale=cfg.head_dim**-0.5,
-                implementation=self.opts.attention if kv is None else "xla",
-                mesh=mesh,
-            )
-            out_BTD = jnp.einsum("btnh,nhd->btd", a_BTNH, w["o_proj"])
-            if cfg.attention_bias:
-                out_BTD = out_BTD + w["o_bias"]
-            x_BTD = x_BTD + out_BTD
+            x_BTD, new_kv = attention_block(x_BTD, w, kv, inputs, cfg, self.opts, mesh)
             h_BTD = rms_norm(x_BTD, w["post_attention_layernorm"], cfg.rms_norm_eps)
             gate_BTF = jnp.einsum("btd,df->btf", h_BTD, w["gate_proj"])
             up_BTF = jnp.einsum("btd,df->btf", h_BTD, w["up_proj"])
@@ -494,14 +423,8 @@ class Qwen3(CausalLM):
             x_BTD = constrain(x_BTD, ("act_batch", "act_seq", "act_embed"), mesh)
             return x_BTD, new_kv
 
-        if self.opts.remat != "none":
-            if self.opts.remat not in REMAT_POLICIES:
-                raise ValueError(
-                    f"remat {self.opts.remat!r}: use one of none, {', '.join(REMAT_POLICIES)}"
-                )
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.opts.remat])
-        x_BTD, new_kv = jax.lax.scan(layer, x_BTD, (weights, cache_xs))
+        cache_xs = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH)
+        xs = (decoder.stacked_weights(self.layers), cache_xs)
+        x_BTD, new_kv = decoder.scan_layers(layer, x_BTD, xs, self.opts.remat)
         hidden_BTD = rms_norm(x_BTD, self.norm[...], cfg.rms_norm_eps)
-        if cache is not None:
-            cache = KVCache(new_kv[0], new_kv[1], new_lengths)
-        return hidden_BTD, cache
+        return hidden_BTD, decoder.finish_cache(cache, new_kv, inputs)

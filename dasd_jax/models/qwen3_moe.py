@@ -31,7 +31,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dasd_jax.models import decoder
-from dasd_jax.models.attention import attention
 from dasd_jax.models.moe import (
     Experts,
     experts_apply,
@@ -49,8 +48,8 @@ from dasd_jax.models.qwen3 import (
     ModelOptions,
     Qwen3Config,
     _param,
+    attention_block,
     rms_norm,
-    rope,
 )
 from dasd_jax.sharding import constrain
 
@@ -247,7 +246,6 @@ class Qwen3Moe(CausalLM):
         B, T = tokens_BT.shape
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
         inputs = decoder.prepare_inputs(tokens_BT, positions_BT, segment_ids_BT, cache)
-        pos_BT = inputs.positions_BT
         moe_impl = moe_implementation(self.opts)
 
         x_BTD = self.embed_tokens[...].astype(dt)[tokens_BT]
@@ -256,34 +254,7 @@ class Qwen3Moe(CausalLM):
         def layer(x_BTD, xs):
             w, kv = xs
             w = {n: v.astype(dt) for n, v in w.items()}
-            h_BTD = rms_norm(x_BTD, w["input_layernorm"], eps)
-            q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, w["q_proj"])
-            k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, w["k_proj"])
-            v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, w["v_proj"])
-            if cfg.attention_bias:
-                q_BTNH = q_BTNH + w["q_bias"]
-                k_BTKH = k_BTKH + w["k_bias"]
-                v_BTKH = v_BTKH + w["v_bias"]
-            q_BTNH = constrain(q_BTNH, ("act_batch", "act_seq", "act_heads", None), mesh)
-            q_BTNH = rope(rms_norm(q_BTNH, w["q_norm"], eps), pos_BT, cfg.rope_theta)
-            k_BTKH = rope(rms_norm(k_BTKH, w["k_norm"], eps), pos_BT, cfg.rope_theta)
-            k_all, v_all, new_kv = decoder.update_kv(kv, k_BTKH, v_BTKH, inputs, dt)
-            a_BTNH = attention(
-                q_BTNH,
-                k_all,
-                v_all,
-                q_positions_BT=pos_BT,
-                kv_positions_BS=inputs.kv_positions_BS,
-                q_segment_ids_BT=inputs.q_segment_ids_BT,
-                kv_segment_ids_BS=inputs.kv_segment_ids_BS,
-                scale=cfg.head_dim**-0.5,
-                implementation=self.opts.attention if kv is None else "xla",
-                mesh=mesh,
-            )
-            out_BTD = jnp.einsum("btnh,nhd->btd", a_BTNH, w["o_proj"])
-            if cfg.attention_bias:
-                out_BTD = out_BTD + w["o_bias"]
-            x_BTD = x_BTD + out_BTD
+            x_BTD, new_kv = attention_block(x_BTD, w, kv, inputs, cfg, self.opts, mesh)
 
             h_MD = rms_norm(x_BTD, w["post_attention_layernorm"], eps).reshape(B * T, D)
             logits_ME = router_logits(h_MD, w["router"])
