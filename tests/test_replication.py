@@ -86,6 +86,17 @@ def test_mean_ci_by_hand():
     assert report.mean_ci([0.3])["ci95"] is None
 
 
+def test_output_stats_by_hand():
+    rows = [
+        {"styles": ["compact", "words"], "correct": [True, False]},
+        {"styles": ["compact", "other"], "correct": [False, False]},
+    ]
+    r = report.output_stats(rows)
+    assert r["compact"] == {"share": 0.5, "correct": 0.5}
+    assert r["words"] == {"share": 0.25, "correct": 0.0}
+    assert r["other"] == {"share": 0.25, "correct": 0.0}
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -118,6 +129,10 @@ def reduced_run(tmp_path_factory):
 def test_reduced_run_outputs(reduced_run):
     out, res, _ = reduced_run
     assert (out / "report.md").read_text().count("|") > 50
+    assert "What the evaluated models write" in (out / "report.md").read_text()
+    # the output-style table pools every evaluation sample of every seed
+    for name in ("base", "das_t0.6", "teacher"):
+        assert sum(v["share"] for v in res["outputs"][name].values()) == pytest.approx(1.0)
     for f in res["plots"]:
         assert (out / f).stat().st_size > 1000, f
     names = {"base", "rs_t0.6", "das_t0.6", "rs_t1.0", "rs_t1.0_2x", "das_t1.0"}

@@ -64,6 +64,20 @@ def eval_summary(rows: list[dict], k: int) -> dict:
 # --------------------------------------------------------------------------- candidates
 
 
+def output_stats(rows: list[dict]) -> dict:
+    """Per output style of the evaluation samples (pooled over problems and seeds): the share
+    of samples in that style and the share of those that are correct."""
+    by: dict[str, list[bool]] = {}
+    for r in rows:
+        for style, ok in zip(r["styles"], r["correct"], strict=True):
+            by.setdefault(style, []).append(bool(ok))
+    n = max(sum(len(v) for v in by.values()), 1)
+    return {
+        style: {"share": len(v) / n, "correct": float(np.mean(v))}
+        for style, v in sorted(by.items())
+    }
+
+
 def candidate_index(scored_dir: Path) -> dict[tuple[str, int], dict]:
     """(prompt id, candidate) -> style, correct, student tokens, sentences, of every scored
     candidate (the score stage's part files)."""
@@ -217,6 +231,11 @@ def build(out, p, preset_name, arms, temps, sets, model_info, evals, teacher_eva
         n: {str(s): {k: v for k, v in evals[s][n].items() if k != "rows"} for s in seeds}
         for n in names
     }
+    # what the evaluated students write: output styles and accuracy per style, over seeds
+    res["outputs"] = {
+        n: output_stats([r for s in seeds for r in evals[s][n]["rows"]]) for n in names
+    }
+    res["outputs"]["teacher"] = output_stats(teacher_eval["rows"])
     # paired differences (same seed: same prompts, order, evaluation random numbers)
     pairs = {
         "das_t0.6 - rs_t0.6": ("das_t0.6", "rs_t0.6"),
@@ -369,6 +388,20 @@ def tables(res: dict, arms) -> dict:
             + f" | {100 * f.get('teacher', 0):.0f} / {100 * f.get('student', 0):.0f} / "
             f"{100 * f.get('shared', 0):.0f} | {_pct(s['correct'])} |\n"
         )
+    out_styles = [*task.STYLES, "other"]
+    outputs = (
+        "| model | "
+        + " | ".join(f"{st}: share / correct (%)" for st in out_styles)
+        + " |\n|---|"
+        + "---|" * len(out_styles)
+        + "\n"
+    )
+    for name, per in res["outputs"].items():
+        cells = [
+            f"{100 * per[st]['share']:.0f} / {100 * per[st]['correct']:.0f}" if st in per else "-"
+            for st in out_styles
+        ]
+        outputs += f"| {name} | " + " | ".join(cells) + " |\n"
     kinds = ""
     beta = ""
     probs = ""
@@ -411,6 +444,7 @@ def tables(res: dict, arms) -> dict:
         "table7": t7,
         "paired": paired,
         "selection": sel_tab,
+        "outputs": outputs,
         "kinds_by_style": kinds,
         "beta": beta,
         "sentence_probabilities": probs,
@@ -443,6 +477,9 @@ def write_markdown(out: Path, res: dict) -> Path:
         "## What each arm trained on (mean over seeds)",
         "",
         t["selection"],
+        "## What the evaluated models write (all seeds, all samples)",
+        "",
+        t["outputs"],
         "## Sentence types per candidate, by style (beta = 0.1)",
         t["kinds_by_style"],
         "## Sentence probabilities by style and position (all candidates)",
