@@ -136,7 +136,7 @@ def test_reduced_run_outputs(reduced_run):
     for f in res["plots"]:
         assert (out / f).stat().st_size > 1000, f
     names = {"base", "rs_t0.6", "das_t0.6", "rs_t1.0", "rs_t1.0_2x", "das_t1.0"}
-    names.add("das_t0.6_then_t1.0")
+    names |= {"das_t0.6_then_t1.0", "longest_t0.6", "longest_t1.0"}
     assert set(res["avg@k"]) == names
     for name, a in res["avg@k"].items():
         # the reported mean and CI are those of the per-seed files, recomputed here
@@ -168,6 +168,13 @@ def test_equal_budgets_same_prompts_and_das_rule(reduced_run):
         for row in (out / f"analysis/{t}/all_beta0.1/selected.jsonl").read_text().splitlines():
             r = json.loads(row)
             counts[t, r["prompt_id"], r["candidate"]] = r["n_teacher"]
+    # every candidate's length in student tokens (the score stage's output)
+    lengths = {}
+    for t in ("t0.6", "t1"):
+        for part in sorted((out / f"pool/score_{t}/score").glob("part-*.jsonl")):
+            for row in part.read_text().splitlines():
+                r = json.loads(row)
+                lengths[t, r["prompt_id"], r["candidate"]] = len(r["student"]["token_ids"])
     subsets = []
     for s in range(SEEDS):
         for t, rs, das in (("t0.6", "rs_t0.6", "das_t0.6"), ("t1", "rs_t1.0", "das_t1.0")):
@@ -177,6 +184,13 @@ def test_equal_budgets_same_prompts_and_das_rule(reduced_run):
             for r in b:  # DAS kept a candidate with the most Teacher sentences
                 best = max(n for (tt, p, _), n in counts.items() if tt == t and p == r["prompt_id"])
                 assert r["n_teacher"] == best
+            # the length control keeps the same prompts and each prompt's longest candidate
+            c = _selected(out, s, f"longest_{rs.split('_')[1]}")
+            assert {r["prompt_id"] for r in c} == {r["prompt_id"] for r in a}
+            for r in c:
+                assert lengths[t, r["prompt_id"], r["candidate"]] == max(
+                    n for (tt, p, _), n in lengths.items() if tt == t and p == r["prompt_id"]
+                )
         assert len(_selected(out, s, "rs_t1.0_2x")) == 2 * budget
         subsets.append({r["prompt_id"] for r in _selected(out, s, "rs_t0.6")})
         sel = res["selection"]["rs_t0.6"]["per_seed"][s]

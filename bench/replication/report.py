@@ -244,7 +244,10 @@ def build(out, p, preset_name, arms, temps, sets, model_info, evals, teacher_eva
         "das_t0.6_then_t1.0 - das_t1.0": ("das_t0.6_then_t1.0", "das_t1.0"),
         "das_t0.6_then_t1.0 - rs_t1.0_2x": ("das_t0.6_then_t1.0", "rs_t1.0_2x"),
         "das_t0.6_then_t1.0 - das_t0.6": ("das_t0.6_then_t1.0", "das_t0.6"),
+        "das_t0.6 - longest_t0.6": ("das_t0.6", "longest_t0.6"),
+        "das_t1.0 - longest_t1.0": ("das_t1.0", "longest_t1.0"),
     }
+    pairs = {k: ab for k, ab in pairs.items() if set(ab) <= set(names)}
     res["paired"] = {
         k: mean_ci([evals[s][a]["avg@k"] - evals[s][b]["avg@k"] for s in seeds])
         for k, (a, b) in pairs.items()
@@ -325,6 +328,8 @@ LABELS = {
     "rs_t1.0": "B RS T=1.0",
     "rs_t1.0_2x": "2B RS T=1.0",
     "das_t1.0": "**B DAS T=1.0**",
+    "longest_t0.6": "B longest T=0.6 (control)",
+    "longest_t1.0": "B longest T=1.0 (control)",
     "das_t0.6_then_t1.0": "B DAS T=0.6, then B DAS T=1.0 (stage 2)",
 }
 
@@ -347,7 +352,17 @@ def tables(res: dict, arms) -> dict:
         return f"| {LABELS[name]} | {_pct(acc[name])} | {per} | {corr} | {toks} |\n"
 
     t3 = head + "".join(
-        row(n_) for n_ in ("rs_t0.6", "das_t0.6", "rs_t1.0", "rs_t1.0_2x", "das_t1.0")
+        row(n_)
+        for n_ in (
+            "rs_t0.6",
+            "das_t0.6",
+            "longest_t0.6",
+            "rs_t1.0",
+            "rs_t1.0_2x",
+            "das_t1.0",
+            "longest_t1.0",
+        )
+        if n_ in acc
     )
     t7 = (
         f"| stage | avg@{k} (%), mean ± 95% CI, {n} seeds | per seed |\n|---|---|---|\n"

@@ -24,6 +24,7 @@ of one temperature train on the same prompts and differ only in which candidate 
     rs_t1.0   random, T=1.0, B          das_t1.0   DAS, T=1.0, B
     rs_t1.0_2x random, T=1.0, 2B        das_t0.6_then_t1.0   stage 2 (T=1.0 DAS, B) continued
                                                    from das_t0.6's stage 1 (the paper's order)
+    longest_t0.6, longest_t1.0: the longest candidate, B (a control: no log-probs)
 
 A seed sets `select.seed` (the prompt subset and the random pick), the training data order and
 the evaluation's sampling; the teacher's samples and the models are shared by all seeds.
@@ -139,6 +140,10 @@ ARMS = (
     Arm("rs_t1.0_2x", 1.0, "random", budget_x=2),
     Arm("das_t1.0", 1.0, "max_teacher_count"),
     Arm("das_t0.6_then_t1.0", 1.0, "max_teacher_count", after="das_t0.6", data_from="das_t1.0"),
+    # controls: the longest candidate (student tokens), no log-probs involved; DAS's count
+    # rule favours long responses, these say how much of its effect length alone gives
+    Arm("longest_t0.6", 0.6, "longest"),
+    Arm("longest_t1.0", 1.0, "longest"),
 )
 
 
