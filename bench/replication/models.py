@@ -4,16 +4,18 @@ Consumes (prompt, response) pairs from `task.py` and a folder; produces Hugging 
 (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) that every dasd_jax
 stage loads like a real checkpoint (`models.registry`, `tokenizer.load_tokenizer`):
 
-- the teacher: a Qwen3-architecture model with its own byte-level BPE vocabulary (512
+- the teacher: a Qwen3-architecture model with its own byte-level BPE tokenizer (at most 512
   entries, merges learnt from its training prompts written in all four CoT styles), trained
   from scratch until it is accurate on the task;
-- the student: a smaller Qwen3 (about 0.55x the teacher's parameters) with a **different
-  vocabulary** (byte-level BPE, 360 entries, merges learnt from its own prompts, so the two
-  tokenizers cut the same text differently) and its own prior: pre-trained briefly on a
-  related distribution (short paths of 1-2 arrows with few distractors, in the `compact`
-  style only; `task.STUDENT_PRETRAIN`). Teacher and student therefore disagree in places
-  (the student has never written the other styles nor a long path), and the score stage
-  joins their log-probs through character offsets, as it does for gpt-oss and Qwen3.
+- the student: a smaller Qwen3 (about 0.55x the teacher's parameters) with its own tokenizer
+  (at most 360 entries, merges learnt from its own prompts in all styles) and its own prior:
+  pre-trained briefly on a related distribution (short paths of 1-2 arrows with few
+  distractors, in the `compact` style only; `task.STUDENT_PRETRAIN`). The task's text has few
+  distinct words, so with the full preset both BPE trainers run out of merges at the same
+  352 tokens, learnt in a different order: the token ids differ (the score stage still joins
+  the two models through character offsets, as for gpt-oss and Qwen3) but a text is cut the
+  same way. Teacher and student disagree through the prior: the student has never written the
+  other styles nor a long path.
 
 Both tokenizers carry the ChatML tokens the stages render with (`<|im_start|>`, `<|im_end|>`,
 `<think>`, `</think>`, `<|endoftext|>`); `<|im_end|>` is EOS. Pre-training is a small optax
