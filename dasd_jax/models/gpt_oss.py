@@ -43,7 +43,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
 from dasd_jax.models import decoder, mxfp4
 from dasd_jax.models.moe import (
@@ -55,7 +54,7 @@ from dasd_jax.models.moe import (
     router_logits,
     topk_then_softmax,
 )
-from dasd_jax.models.qwen3 import CausalLM, KVCache, ModelOptions, _param
+from dasd_jax.models.qwen3 import CausalLM, KVCache, _param
 from dasd_jax.sharding import constrain
 
 SLIDING = "sliding_attention"
@@ -497,24 +496,8 @@ class GptOssLayers(nnx.Module):
 class GptOss(CausalLM):
     """GptOssForCausalLM. `mesh` (optional) steers activation sharding and expert parallelism."""
 
-    def __init__(
-        self,
-        cfg: GptOssConfig,
-        opts: ModelOptions = ModelOptions(),
-        *,
-        rngs: nnx.Rngs,
-        mesh: Mesh | None = None,
-    ):
-        self.cfg = cfg
-        self.opts = opts
-        self.mesh = mesh
-        pdt = jnp.dtype(opts.param_dtype)
-        V, D = cfg.vocab_size, cfg.hidden_size
-        self.embed_tokens = _param(rngs, (V, D), ("vocab", "embed"), pdt)
-        self.layers = GptOssLayers(cfg, pdt, rngs, expert_weights_format(opts) == "mxfp4")
-        self.norm = _param(rngs, (D,), ("norm",), pdt, "ones")
-        if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), pdt)
+    def make_layers(self, cfg, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
+        return GptOssLayers(cfg, param_dtype, rngs, expert_weights_format(self.opts) == "mxfp4")
 
     def hidden_states(
         self,
@@ -536,8 +519,7 @@ class GptOss(CausalLM):
         sliding_L = np.array([t == SLIDING for t in cfg.layer_types])
         mixed = bool(sliding_L.any() and not sliding_L.all())
 
-        x_BTD = self.embed_tokens[...].astype(dt)[tokens_BT]
-        x_BTD = constrain(x_BTD, ("act_batch", "act_seq", "act_embed"), mesh)
+        x_BTD = self.embed(tokens_BT)
 
         def layer(x_BTD, xs):
             w, kv, sliding = xs

@@ -329,9 +329,38 @@ class Qwen3Layers(nnx.Module):
 class CausalLM(nnx.Module):
     """The public methods every decoder here shares (Qwen3, Qwen3-MoE, gpt-oss).
 
-    A subclass sets `cfg`, `opts`, `mesh`, `embed_tokens` (+ `lm_head` when untied) and
-    implements `hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache)`.
+    The parameters every one of them has are made here, in this order (it fixes the random
+    init): `embed_tokens`, the stacked `layers` (a subclass's `make_layers`), the final
+    `norm`, `lm_head` when the embeddings are untied. A subclass implements `make_layers` and
+    `hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache)`.
     """
+
+    def __init__(
+        self,
+        cfg: Any,
+        opts: ModelOptions = ModelOptions(),
+        *,
+        rngs: nnx.Rngs,
+        mesh: Mesh | None = None,
+    ):
+        self.cfg = cfg
+        self.opts = opts
+        self.mesh = mesh
+        pdt = jnp.dtype(opts.param_dtype)
+        V, D = cfg.vocab_size, cfg.hidden_size
+        self.embed_tokens = _param(rngs, (V, D), ("vocab", "embed"), pdt)
+        self.layers = self.make_layers(cfg, pdt, rngs)
+        self.norm = _param(rngs, (D,), ("norm",), pdt, "ones")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), pdt)
+
+    def make_layers(self, cfg: Any, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
+        raise NotImplementedError
+
+    def embed(self, tokens_BT: jax.Array) -> jax.Array:
+        """Token embeddings [B, T, D] in compute dtype, sharded like the residual stream."""
+        x_BTD = self.embed_tokens[...].astype(jnp.dtype(self.opts.dtype))[tokens_BT]
+        return constrain(x_BTD, ("act_batch", "act_seq", "act_embed"), self.mesh)
 
     def __call__(
         self,
@@ -372,24 +401,8 @@ class CausalLM(nnx.Module):
 class Qwen3(CausalLM):
     """Qwen3ForCausalLM. `mesh` (optional) steers activation sharding."""
 
-    def __init__(
-        self,
-        cfg: Qwen3Config,
-        opts: ModelOptions = ModelOptions(),
-        *,
-        rngs: nnx.Rngs,
-        mesh: Mesh | None = None,
-    ):
-        self.cfg = cfg
-        self.opts = opts
-        self.mesh = mesh
-        pdt = jnp.dtype(opts.param_dtype)
-        V, D = cfg.vocab_size, cfg.hidden_size
-        self.embed_tokens = _param(rngs, (V, D), ("vocab", "embed"), pdt)
-        self.layers = Qwen3Layers(cfg, pdt, rngs)
-        self.norm = _param(rngs, (D,), ("norm",), pdt, "ones")
-        if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), pdt)
+    def make_layers(self, cfg, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
+        return Qwen3Layers(cfg, param_dtype, rngs)
 
     def hidden_states(
         self,
@@ -406,8 +419,7 @@ class Qwen3(CausalLM):
         """
         cfg, dt, mesh = self.cfg, jnp.dtype(self.opts.dtype), self.mesh
         inputs = decoder.prepare_inputs(tokens_BT, positions_BT, segment_ids_BT, cache)
-        x_BTD = self.embed_tokens[...].astype(dt)[tokens_BT]
-        x_BTD = constrain(x_BTD, ("act_batch", "act_seq", "act_embed"), mesh)
+        x_BTD = self.embed(tokens_BT)
 
         def layer(x_BTD, xs):
             w, kv = xs

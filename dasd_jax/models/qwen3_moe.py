@@ -28,7 +28,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
 
 from dasd_jax.models import decoder
 from dasd_jax.models.moe import (
@@ -45,7 +44,6 @@ from dasd_jax.models.qwen3 import (
 from dasd_jax.models.qwen3 import (
     CausalLM,
     KVCache,
-    ModelOptions,
     Qwen3Config,
     _param,
     attention_block,
@@ -214,24 +212,8 @@ class Qwen3MoeLayers(nnx.Module):
 class Qwen3Moe(CausalLM):
     """Qwen3MoeForCausalLM. `mesh` (optional) steers activation sharding and expert parallelism."""
 
-    def __init__(
-        self,
-        cfg: Qwen3MoeConfig,
-        opts: ModelOptions = ModelOptions(),
-        *,
-        rngs: nnx.Rngs,
-        mesh: Mesh | None = None,
-    ):
-        self.cfg = cfg
-        self.opts = opts
-        self.mesh = mesh
-        pdt = jnp.dtype(opts.param_dtype)
-        V, D = cfg.vocab_size, cfg.hidden_size
-        self.embed_tokens = _param(rngs, (V, D), ("vocab", "embed"), pdt)
-        self.layers = Qwen3MoeLayers(cfg, pdt, rngs)
-        self.norm = _param(rngs, (D,), ("norm",), pdt, "ones")
-        if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), pdt)
+    def make_layers(self, cfg, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
+        return Qwen3MoeLayers(cfg, param_dtype, rngs)
 
     def hidden_states(
         self,
@@ -248,8 +230,7 @@ class Qwen3Moe(CausalLM):
         inputs = decoder.prepare_inputs(tokens_BT, positions_BT, segment_ids_BT, cache)
         moe_impl = moe_implementation(self.opts)
 
-        x_BTD = self.embed_tokens[...].astype(dt)[tokens_BT]
-        x_BTD = constrain(x_BTD, ("act_batch", "act_seq", "act_embed"), mesh)
+        x_BTD = self.embed(tokens_BT)
 
         def layer(x_BTD, xs):
             w, kv = xs
