@@ -45,14 +45,17 @@ def mean_ci(values) -> dict:
 
 
 def eval_summary(rows: list[dict], k: int) -> dict:
-    """avg@k, its standard error over problems, pass@k (any of k correct), output styles."""
-    per = np.array([sum(r["correct"]) / k for r in rows])
+    """avg@k, its standard error over problems, pass@k (any of k correct), output styles; the
+    accuracy metrics are the evaluate stage's (`dasd_jax.evaluate.metrics`)."""
+    from dasd_jax.evaluate.metrics import aggregate
+
+    acc = aggregate([k] * len(rows), [sum(r["correct"]) for r in rows], [k])
     styles = Counter(s for r in rows for s in r["styles"])
     n = sum(styles.values())
     return {
-        "avg@k": float(per.mean()),
-        "stderr": float(per.std(ddof=1) / math.sqrt(len(per))) if len(per) > 1 else None,
-        "pass@k": float(np.mean([any(r["correct"]) for r in rows])),
+        "avg@k": acc["avg"],
+        "stderr": acc["stderr"],
+        "pass@k": acc["pass@k"][k],
         "k": k,
         "problems": len(rows),
         "styles": {s: c / n for s, c in sorted(styles.items())},
