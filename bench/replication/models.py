@@ -157,18 +157,18 @@ class PretrainConfig:
 
 
 def encode_examples(tokenizer, pairs: list[tuple[str, str]], system_prompt: str):
-    """(tokens [N, T] int32, loss mask [N, T], lengths [N]): each (prompt, response) rendered
-    with ChatML (`tokenizer.render_chat`, the stages' renderer); the loss covers the tokens
-    holding response characters and the closing `<|im_end|>`, as in `dasd_jax.train.data`."""
-    from dasd_jax.tokenizer import IM_END, encode_with_offsets, render_chat
+    """(tokens [N, T] int32, loss mask [N, T], lengths [N]): each (prompt, response) encoded by
+    the SFT stages' own encoder (`dasd_jax.train.data.encode_record`: ChatML rendering, the
+    loss on the response tokens and the closing `<|im_end|>`)."""
+    from dasd_jax.schema import SFTRecord
+    from dasd_jax.train.data import encode_record
 
     seqs, masks = [], []
-    for prompt, response in pairs:
-        r = render_chat(prompt, response, system_prompt)
-        ids, offsets = encode_with_offsets(tokenizer, r.text)
-        end = r.response_end + len(IM_END)
+    for i, (prompt, response) in enumerate(pairs):
+        rec = SFTRecord(id=f"pretrain-{i}", prompt=prompt, response=response)
+        ids, mask = encode_record(rec, tokenizer, system_prompt, mask_student_prefix=False)
         seqs.append(ids)
-        masks.append([int(e > r.response_start and s < end) for s, e in offsets])
+        masks.append(mask)
     longest = max(map(len, seqs))
     t = int(math.ceil(longest / 16) * 16)
     tokens = np.zeros((len(seqs), t), np.int32)
