@@ -275,9 +275,8 @@ def build_models(out: Path, p: Preset, sets: dict) -> dict:
 
 
 def sample_pool(out: Path, p: Preset) -> None:
-    """The `sample` stage: n candidates per pool prompt at T=0.6 and T=1.0, then one Candidate
-    JSONL per temperature for the `score` stage."""
-    from dasd_jax.records import atomic_write
+    """The `sample` stage: n candidates per pool prompt at T=0.6 and T=1.0, in
+    `pool/sample/t<T>/part-*.jsonl` (the `score` stage reads each temperature's folder)."""
     from dasd_jax.sample import stage as sample_stage
 
     run_dir = out / "pool"
@@ -298,14 +297,6 @@ def sample_pool(out: Path, p: Preset) -> None:
             },
         )
         sample_stage.run(cfg)
-    for t in TEMPS:
-        merged = run_dir / f"candidates_{tdir(t)}.jsonl"
-        if merged.exists():
-            continue
-        parts = sorted((run_dir / "sample" / tdir(t)).glob("part-*.jsonl"))
-        with atomic_write(merged) as f:
-            for part in parts:
-                f.write(part.read_text())
 
 
 def score_pool(out: Path, p: Preset) -> None:
@@ -321,7 +312,7 @@ def score_pool(out: Path, p: Preset) -> None:
             p,
             run_dir,
             score={
-                "input": str(out / "pool" / f"candidates_{tdir(t)}.jsonl"),
+                "input": str(out / "pool" / "sample" / tdir(t)),
                 "input_format": "candidates",
                 "max_tokens": 2048,
                 "batch_tokens": 8192,
