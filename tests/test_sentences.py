@@ -251,3 +251,139 @@ def test_assign_tokens_matches_naive_reference():
             offsets.append((pos, min(pos + step, len(text))))
             pos += max(step, 1)
         assert assign_tokens(offsets, spans, text).tolist() == naive_assign(offsets, spans, text)
+
+
+# ------------------------------------------------------------ CJK and abbreviations
+
+# A Chinese chain of thought: sentences end at 。！？ with no space after them (CJK text has
+# none); inline math is never split; a full-width ． between digits is a decimal point.
+ZH_COT = (
+    "<think>\n"
+    "首先，设方程为 $x^2 - 5x + 6 = 0$。"
+    "因式分解得 $(x-2)(x-3) = 0$！"
+    "所以 $x = 2$ 或 $x = 3$，对吗？！"
+    "验证：当 $x = 2$ 时，$4 - 10 + 6 = 0$。"
+    "两根的平均值是２．５，符合 $-b/2a$。"
+    "老师说：“检查完毕。”我同意。 Let me double check.\n"
+    "</think>\n\n"
+    "答案：$x = 2$ 或 $x = 3$。"
+)
+ZH_SENTENCES = [
+    "<think>\n",
+    "首先，设方程为 $x^2 - 5x + 6 = 0$。",
+    "因式分解得 $(x-2)(x-3) = 0$！",
+    "所以 $x = 2$ 或 $x = 3$，对吗？！",
+    "验证：当 $x = 2$ 时，$4 - 10 + 6 = 0$。",
+    "两根的平均值是２．５，符合 $-b/2a$。",
+    "老师说：“检查完毕。”",
+    "我同意。 ",
+    "Let me double check.\n",
+    "</think>\n\n",
+    "答案：$x = 2$ 或 $x = 3$。",
+]
+
+# A Japanese one: full-width enumerators ("１．") do not end a sentence, a quotation closed by
+# 」 and continued by the particle と stays in its sentence, a full-width space is whitespace.
+JA_COT = (
+    "<think>\n"
+    "まず、三角形の面積を求めます。底辺は６ｃｍ、高さは４ｃｍです！\n"
+    "１．面積＝底辺×高さ÷２なので、$6 \\times 4 \\div 2 = 12$ になります。\n"
+    "２．本当にそうでしょうか？「念のため確認しよう。」と考えました。　"
+    "（底辺と高さは直角です。）問題ありません…！"
+    "答えは１２ｃｍ²です。\n"
+    "</think>\n\n"
+    "答え：１２ｃｍ²"
+)
+JA_SENTENCES = [
+    "<think>\n",
+    "まず、三角形の面積を求めます。",
+    "底辺は６ｃｍ、高さは４ｃｍです！\n",
+    "１．面積＝底辺×高さ÷２なので、$6 \\times 4 \\div 2 = 12$ になります。\n",
+    "２．本当にそうでしょうか？",
+    "「念のため確認しよう。」と考えました。　",
+    "（底辺と高さは直角です。）",
+    "問題ありません…！",
+    "答えは１２ｃｍ²です。\n",
+    "</think>\n\n",
+    "答え：１２ｃｍ²",
+]
+
+
+def test_chinese_chain_of_thought():
+    assert pieces(ZH_COT) == ZH_SENTENCES
+    assert_tiles(ZH_COT, split_sentences(ZH_COT))
+
+
+def test_japanese_chain_of_thought():
+    assert pieces(JA_COT) == JA_SENTENCES
+    assert_tiles(JA_COT, split_sentences(JA_COT))
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("第一句。第二句！第三句？", ["第一句。", "第二句！", "第三句？"]),
+        ("真的吗？！是的。", ["真的吗？！", "是的。"]),
+        ("真的吗?！是的‼好", ["真的吗?！", "是的‼", "好"]),
+        ("他问：“为什么？”我答：“因为。”", ["他问：“为什么？”", "我答：“因为。”"]),
+        ("『終わり。』次", ["『終わり。』", "次"]),
+        ("【注意！】下一步", ["【注意！】", "下一步"]),
+        ("结果。 Next", ["结果。 ", "Next"]),
+        ("结果。　次へ", ["结果。　", "次へ"]),
+        ("第一。\n第二", ["第一。\n", "第二"]),
+        ("ここで終わり．次に進む．", ["ここで終わり．", "次に進む．"]),
+        ("π≈３．１４。下一步", ["π≈３．１４。", "下一步"]),
+        ("值为3．5。好", ["值为3．5。", "好"]),
+        ("５！＝１２０。好", ["５！＝１２０。", "好"]),
+        ("好吧。，然后", ["好吧。，然后"]),
+        ("$a。b$ 之后。再", ["$a。b$ 之后。", "再"]),
+        ("`f()。g` 之后", ["`f()。g` 之后"]),
+        ("「本当？」と聞いた。次", ["「本当？」と聞いた。", "次"]),
+        ("「本当？」って聞いた。", ["「本当？」って聞いた。"]),
+        ("结束。", ["结束。"]),
+        ("对吗？！", ["对吗？！"]),
+        ("他说：“好？！”", ["他说：“好？！”"]),
+    ],
+)
+def test_cjk_sentence_ends(text, expected):
+    assert pieces(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "The U.S. Army was founded in Jan. 1775. It grew.",
+            ["The U.S. Army was founded in Jan. 1775. ", "It grew."],
+        ),
+        ("Meet on Feb. 14 or Sept. 3. Then go.", ["Meet on Feb. 14 or Sept. 3. ", "Then go."]),
+        ("The U.K. Parliament voted. Next.", ["The U.K. Parliament voted. ", "Next."]),
+        ("The 5 p.m. News starts. Ok.", ["The 5 p.m. News starts. ", "Ok."]),
+        ("She earned a Ph.D. Her thesis won.", ["She earned a Ph.D. ", "Her thesis won."]),
+        # An initialism or month that ends a sentence: it ends one only before a common
+        # sentence opener ("The", "It", "Then", ...), otherwise it is read as inside one.
+        (
+            "He moved to the U.S. The next year he left.",
+            ["He moved to the U.S. ", "The next year he left."],
+        ),
+        ("We met at 9 a.m. Then we left.", ["We met at 9 a.m. ", "Then we left."]),
+        ("It was cold in Dec. It snowed.", ["It was cold in Dec. ", "It snowed."]),
+        ("He moved to the U.S. Congress passed it.", ["He moved to the U.S. Congress passed it."]),
+        # unchanged: a single capital is an answer choice or a point, not an initial
+        ("The answer is B. Let me check.", ["The answer is B. ", "Let me check."]),
+        ("Is it 3? No. Let me redo it.", ["Is it 3? ", "No. ", "Let me redo it."]),
+        ("See config.py. Then run.", ["See config.py. ", "Then run."]),
+    ],
+)
+def test_abbreviations_and_initialisms(text, expected):
+    assert pieces(text) == expected
+
+
+def test_fuzz_cjk_tiling_and_whitespace_rule():
+    rng = random.Random(2)
+    atoms = list("好と。．３」“” \u3000\n，$A") + ["？！"]
+    for _ in range(300):
+        text = "".join(rng.choice(atoms) for _ in range(rng.randint(1, 40)))
+        spans = split_sentences(text)
+        assert_tiles(text, spans)
+        assert all(not text[a].isspace() for a, _ in spans[1:]), (text, spans)

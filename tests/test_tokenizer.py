@@ -159,55 +159,106 @@ def test_round_trip(any_tokenizer):
 # --- offsets ------------------------------------------------------------------------------------
 
 
-def assert_tiles(text: str, ids: list[int], offsets: list[tuple[int, int]]) -> None:
+def assert_covers(text: str, ids: list[int], offsets: list[tuple[int, int]]) -> None:
+    """The byte rule's shape: spans are non-empty and ordered (starts and ends non-decreasing)
+    and cover the text; consecutive spans meet, or share exactly one character, a multi-byte
+    one whose bytes the token boundary splits. Each character given to the last token that
+    holds its bytes (each span cut at the next one's start), they tile the text."""
     assert len(ids) == len(offsets)
     assert offsets[0][0] == 0 and offsets[-1][1] == len(text)
-    for (_, end), (start, _) in itertools.pairwise(offsets):
-        assert end == start
-    assert all(s <= e for s, e in offsets)
-    assert "".join(text[s:e] for s, e in offsets) == text
+    assert all(s < e for s, e in offsets)
+    for (s0, e0), (s1, e1) in itertools.pairwise(offsets):
+        assert s0 <= s1 and e0 <= e1
+        assert e0 == s1 or (e0 == s1 + 1 and len(text[s1].encode("utf-8")) > 1)
+    starts = [s for s, _ in offsets] + [len(text)]
+    assert "".join(text[a:b] for a, b in itertools.pairwise(starts)) == text
 
 
-def test_offsets_tile_text(any_tokenizer):
+def test_offsets_cover_text(any_tokenizer):
     tokenizer, fragments = any_tokenizer
     for text in make_texts(fragments, 100, seed=4):
         ids, offsets = tk.encode_with_offsets(tokenizer, text)
         assert ids == tokenizer.encode(text, add_special_tokens=False)
-        assert_tiles(text, ids, offsets)
+        assert_covers(text, ids, offsets)
 
 
 def test_offsets_follow_split_character_rule(any_tokenizer):
-    """A character belongs to the token holding its last byte (checked independently)."""
+    """A token's span is every character any of its bytes belongs to (checked independently):
+    from the character of its first byte to the character of its last byte, inclusive."""
     tokenizer, fragments = any_tokenizer
-    empty_spans = 0
+    shared = 0
     for text in make_texts(fragments, 50, seed=5):
         ids, offsets = tk.encode_with_offsets(tokenizer, text)
-        char_last_byte, pos = [], 0
+        char_first_byte, pos = [], 0
         for ch in text:
+            char_first_byte.append(pos)
             pos += len(ch.encode("utf-8"))
-            char_last_byte.append(pos - 1)
         byte_start = 0
         for token_bytes, (start, end) in zip(tk._token_bytes(tokenizer, ids), offsets, strict=True):
             byte_end = byte_start + len(token_bytes)
-            assert start == bisect.bisect_left(char_last_byte, byte_start)
-            assert end == bisect.bisect_left(char_last_byte, byte_end)
-            empty_spans += start == end
+            assert start == bisect.bisect_right(char_first_byte, byte_start) - 1
+            assert end == bisect.bisect_right(char_first_byte, byte_end - 1)
             byte_start = byte_end
-    assert empty_spans > 0, "no token split a character; the rule was not exercised"
+        shared += sum(e0 > s1 for (_, e0), (s1, _) in itertools.pairwise(offsets))
+    assert shared > 0, "no token split a character; the rule was not exercised"
 
 
 def test_offsets_golden_partial_characters(qwen3, gpt_oss):
-    # Qwen3 splits the parrot into its first three bytes and its last byte.
+    # Qwen3 splits the parrot into its first three bytes and its last byte: both tokens
+    # spell part of it, so both spans hold it.
     ids, offsets = tk.encode_with_offsets(qwen3, "a🦜b")
     assert ids == [64, 123918, 250, 65]
-    assert offsets == [(0, 1), (1, 1), (1, 2), (2, 3)]
-    # o200k splits it 2 + 1 + 1 bytes: two leading tokens own nothing.
+    assert offsets == [(0, 1), (1, 2), (1, 2), (2, 3)]
+    # o200k splits it 2 + 1 + 1 bytes: three tokens, one character.
     ids, offsets = tk.encode_with_offsets(gpt_oss, "🦜")
     assert ids == [4103, 99, 250]
-    assert offsets == [(0, 0), (0, 0), (0, 1)]
-    # HF's own offset_mapping repeats the character instead.
+    assert offsets == [(0, 1), (0, 1), (0, 1)]
+    ids, offsets = tk.encode_with_offsets(gpt_oss, "x 🦜.")
+    assert offsets == [(0, 1), (1, 3), (2, 3), (2, 3), (3, 4)]  # " " + 2 bytes, 1, 1, "."
+    # HF's own offset_mapping agrees here (it is not used: it is computed on the text, not on
+    # a sampled, possibly non-canonical, id sequence).
     hf = qwen3("a🦜b", add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     assert [tuple(o) for o in hf] == [(0, 1), (1, 2), (1, 2), (2, 3)]
+
+
+def test_spans_from_bytes_rule_and_prefix_text():
+    parrot = "🦜".encode()
+    pieces = [b"a", parrot[:3], parrot[3:], b"b"]
+    assert tk.spans_from_bytes(pieces, "a🦜b") == [(0, 1), (1, 2), (1, 2), (2, 3)]
+    # an empty piece inside a character sits at it; one at the end at the end
+    pieces = [parrot[:1], b"", parrot[1:], b""]
+    assert tk.spans_from_bytes(pieces, "🦜") == [(0, 1), (0, 0), (0, 1), (1, 1)]
+    # a sample cut inside a character: the text is the decode up to the cut character, and
+    # spans stop at its end
+    assert tk.spans_from_bytes([b"ab", b"c" + parrot[:2]], "abc") == [(0, 2), (2, 3)]
+    assert tk.spans_from_bytes([b"ab", parrot[:2]], "ab") == [(0, 2), (2, 2)]
+    with pytest.raises(ValueError, match="do not spell"):
+        tk.spans_from_bytes([b"ab"], "ax")
+
+
+def _brute_char_of_byte(data: bytes) -> list[int]:
+    # The character byte j belongs to is the last one of the decode of the bytes up to j (an
+    # unfinished sequence decodes to one U+FFFD, where its character will be).
+    return [len(data[: j + 1].decode("utf-8", errors="replace")) - 1 for j in range(len(data))]
+
+
+def test_text_of_pieces_matches_a_brute_force_on_random_bytes():
+    rng = random.Random(6)
+    alphabet = [b"a", b" ", "é".encode(), "日".encode(), "🦜".encode(), b"\xff", b"\x80"]
+    alphabet += [b"\xf0\x9f", b"\xe6", b"\xed\xa0\x80"]  # truncated, lone, surrogate
+    for _ in range(300):
+        data = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        cuts = sorted(rng.randint(0, len(data)) for _ in range(rng.randint(0, 6)))
+        bounds = [0, *cuts, len(data)]
+        pieces = [data[a:b] for a, b in itertools.pairwise(bounds)]
+        text, spans = tk.text_of_pieces(pieces)
+        assert text == data.decode("utf-8", errors="replace")
+        char_of = _brute_char_of_byte(data)
+        for (a, b), (s, e) in zip(itertools.pairwise(bounds), spans, strict=True):
+            if a < b:
+                assert (s, e) == (char_of[a], char_of[b - 1] + 1), (data, pieces)
+            else:
+                assert s == e == (char_of[a] if a < len(data) else len(text)), (data, pieces)
 
 
 def test_offsets_of_special_tokens(qwen3):
@@ -225,10 +276,33 @@ def test_offsets_reject_text_that_nfc_changes(qwen3, gpt_oss):
     with pytest.raises(ValueError, match="NFC"):
         tk.encode_with_offsets(qwen3, decomposed)
     ids, offsets = tk.encode_with_offsets(qwen3, "caf\u00e9")
-    assert_tiles("caf\u00e9", ids, offsets)
-    # gpt-oss does not normalise, so the decomposed text tiles as given.
+    assert_covers("caf\u00e9", ids, offsets)
+    # gpt-oss does not normalise, so the decomposed text is covered as given.
     ids, offsets = tk.encode_with_offsets(gpt_oss, decomposed)
-    assert_tiles(decomposed, ids, offsets)
+    assert_covers(decomposed, ids, offsets)
+
+
+def test_nfc_problem_names_the_first_changed_character():
+    assert tk.nfc_problem("café 日本語 🦜") is None
+    assert tk.nfc_problem("") is None
+    problem = tk.nfc_problem("Caf\u00e9 au cafe\u0301.")
+    assert problem.startswith("not_nfc: character 11 ")  # the "e" the accent combines with
+    assert "U+0065" in problem
+    assert tk.nfc_problem("\u1100\u1161").startswith("not_nfc: character 0 ")  # Hangul jamo
+    # a composition exclusion: NFC maps U+0958 to U+0915 U+093C, so it is never NFC
+    assert tk.nfc_problem("ab\u0958").startswith("not_nfc: character 2 ")
+
+
+def test_non_nfc_response_is_refused_with_its_reason(qwen3, gpt_oss):
+    # The teacher's tokens spell exactly these characters; Qwen3's tokenizer NFC-normalises,
+    # so its tokens would spell others: the response is refused, not normalised.
+    response = "<think>\nThe word is cafe\u0301.\n</think>\n\nCafe\u0301."
+    r = tk.render_chat("Spell it.", response)
+    at = r.text.index("cafe\u0301") + 3
+    with pytest.raises(ValueError, match=rf"^not_nfc: character {at} "):
+        tk.encode_with_offsets(qwen3, r.text)
+    assert tk.nfc_problem(r.text).startswith(f"not_nfc: character {at} ")
+    tk.encode_with_offsets(gpt_oss, response)  # no normalizer: its spans are exact as given
 
 
 def test_offsets_with_added_special_tokens(gpt_oss):
@@ -249,7 +323,7 @@ def test_offsets_with_added_special_tokens(gpt_oss):
         backend.post_processor = saved
     assert ids == [199998, *plain_ids, 199999]
     assert offsets == [(0, 0), *plain_offsets, (len(text), len(text))]
-    assert_tiles(text, ids, offsets)
+    assert_covers(text, plain_ids, plain_offsets)
 
 
 # --- chat format ------------------------------------------------------------------------------
@@ -319,7 +393,7 @@ def test_render_chat_keeps_response_verbatim_where_template_rewrites(qwen3, resp
 def test_render_chat_spans_map_to_tokens(qwen3):
     r = tk.render_chat("Name a bird.", "<think>\nA parrot 🦜.\n</think>\n\nParrot.")
     ids, offsets = tk.encode_with_offsets(qwen3, r.text)
-    assert_tiles(r.text, ids, offsets)
+    assert_covers(r.text, ids, offsets)
     response_tokens = [
         i for i, (s, _) in zip(ids, offsets, strict=True) if r.response_start <= s < r.response_end
     ]
@@ -412,3 +486,71 @@ def test_built_folders_stay_outside_repo(qwen3_dir, gpt_oss_dir):
     repo = Path(tk.__file__).resolve().parents[1]
     for path in (qwen3_dir, gpt_oss_dir):
         assert repo not in path.resolve().parents
+
+
+# --- split characters in sentences (DAS) --------------------------------------------------------
+
+EMOJI_COT = (
+    "<think>\nThe parrots 🦜🦜🦜 count as 3 🦜. Then rockets 🚀🔥 fly! 👍🏽 Great.\n"
+    "Family 👨\u200d👩\u200d👧 is 3 people 🎉. 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝔱𝔢𝔵𝔱 𝔥𝔢𝔯𝔢. 日本語🙂。次は🚀！\n</think>\n\n"
+    "The answer is 🦜 × 3 = 🦜🦜🦜 🎉."
+)
+
+
+def _reference_sentence_of_tokens(pieces, text, spans):
+    """By hand: the characters a token's bytes belong to, its first non-whitespace one (a
+    whitespace-only token: its first), the sentence holding it."""
+    char_first_byte, pos = [], 0
+    for ch in text:
+        char_first_byte.append(pos)
+        pos += len(ch.encode("utf-8"))
+    out, byte = [], 0
+    for piece in pieces:
+        chars = range(
+            bisect.bisect_right(char_first_byte, byte) - 1,
+            bisect.bisect_right(char_first_byte, byte + len(piece) - 1),
+        )
+        byte += len(piece)
+        anchor = next((c for c in chars if not text[c].isspace()), chars[0])
+        out.append(next(k for k, (a, b) in enumerate(spans) if a <= anchor < b))
+    return out
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gpt_oss"])
+def test_split_characters_count_in_their_sentence(request, name):
+    import numpy as np
+
+    from dasd_jax.select.das import score_response, sentence_logprob_means
+    from dasd_jax.select.sentences import assign_tokens, split_sentences
+
+    tokenizer = request.getfixturevalue(name)
+    ids, offsets = tk.encode_with_offsets(tokenizer, EMOJI_COT)
+    pieces = tk.token_bytes(tokenizer, ids)
+    spans = split_sentences(EMOJI_COT)
+    # the tokens that hold no character's last byte: under the old rule (a character belongs
+    # to the token with its last byte) they had empty spans and fell in no sentence
+    ends, pos = set(), 0
+    for ch in EMOJI_COT:
+        pos += len(ch.encode("utf-8"))
+        ends.add(pos)
+    cum = list(itertools.accumulate(len(p) for p in pieces))
+    partial = [not any(a < e <= b for e in ends) for a, b in zip([0, *cum[:-1]], cum, strict=True)]
+    assert sum(partial) / len(ids) > 0.1  # emoji-dense: over a tenth of the tokens
+
+    sentence_of = assign_tokens(offsets, spans, EMOJI_COT)
+    assert (sentence_of >= 0).all()  # none is dropped any more
+    assert sentence_of.tolist() == _reference_sentence_of_tokens(pieces, EMOJI_COT, spans)
+
+    # DAS's per-sentence means include them: give them -2.0 and the others -0.5
+    logprobs = np.where(partial, -2.0, -0.5)
+    means = sentence_logprob_means(logprobs, sentence_of, len(spans))
+    expected = [
+        np.mean([lp for lp, k in zip(logprobs, sentence_of, strict=True) if k == i])
+        for i in range(len(spans))
+    ]
+    np.testing.assert_allclose(means, expected, rtol=0, atol=1e-12)
+    with_partial = {int(k) for k, p in zip(sentence_of, partial, strict=True) if p}
+    assert len(with_partial) >= 5  # half the sentences hold split characters
+    assert all(means[k] < -0.5 for k in with_partial)
+    scored = score_response(EMOJI_COT, offsets, logprobs, offsets, np.zeros(len(ids)))
+    np.testing.assert_allclose(scored.p_teacher, np.exp(expected), rtol=1e-12)

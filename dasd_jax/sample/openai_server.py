@@ -219,7 +219,11 @@ class EngineServer:
     def _token_strings(self, c: Completion, as_ids: bool) -> list[str]:
         if as_ids:
             return [f"token_id:{t}" for t in c.token_ids]
-        return [c.text[a:b] for a, b in c.offsets]
+        # Token spans share a character split across tokens (the byte rule); OpenAI's token
+        # strings concatenate to the text, so each character goes to the last token holding
+        # its bytes: a span runs to the next token's start.
+        starts = [a for a, _ in c.offsets] + [len(c.text)]
+        return [c.text[a:b] for a, b in itertools.pairwise(starts)]
 
     def _dasd(self, c: Completion) -> dict:
         return {"sampling_logprobs": c.sampling_logprobs, "stop": c.stop, "token_ids": c.token_ids}

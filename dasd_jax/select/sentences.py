@@ -1,7 +1,8 @@
 """Sentence splitting for long chain-of-thought text, and token -> sentence assignment.
 
 Consumes a response text (``<think>...</think>answer``) and, for `assign_tokens`, one
-tokenizer's character offsets into that text. Produces sentence spans in characters,
+tokenizer's character offsets into that text (``tokenizer.encode_with_offsets`` or, for
+sampled ids, ``tokenizer.text_of_pieces``). Produces sentence spans in characters,
 ``list[tuple[int, int]]``, and a sentence index per token. DAS (``das.py``) scores each
 model's tokens per sentence, so the two tokenizers (gpt-oss o200k_harmony for the teacher,
 Qwen for the student) only ever meet through these character spans.
@@ -18,9 +19,27 @@ makes it an option. The default ``"cot"`` splitter follows these rules:
   markdown ``*``) end a sentence when followed by horizontal whitespace and then a character
   that is not a lowercase letter nor one of ``,;:=)``. This keeps decimals (3.14, 1,000.5),
   "Hmm... maybe", "e.g., x" and "n! = 120" together.
+* CJK sentence ends: a run of terminators holding one of ``。｡．！？‼⁇⁈⁉`` ("？！", "…！" and
+  "?！" too), optionally followed by closing quotes or brackets (``」』）】”`` ...), ends a
+  sentence with **no** whitespace after it (CJK text has none); whitespace after it, a
+  full-width space included, belongs to it. It does not end one before a comma or ``;:=)``
+  (ASCII or full-width: "５！＝１２０"), nor when a closed quotation is continued by the
+  Japanese particle と / って ("「本当？」と聞いた。" is one sentence). A full-width ``．``
+  between two digits is a decimal point ("３．１４") and after a line-initial enumerator
+  ("１．") an enumerator, as ``.`` is. A Chinese quotation that ends with its sentence ends
+  one: "他问：“为什么？”" then "我答：..." (the usual convention for Chinese).
 * A single ``.`` after a known abbreviation (e.g., i.e., vs., Dr., Fig., Eq., ...) or after a
   line-initial enumerator ("1.", "2.3.", "a.", "iv.") never ends a sentence. "etc." is not an
   abbreviation here: the lowercase rule already keeps "etc. and" together.
+* A month abbreviation (Jan., Feb., Sept., ...) or a dotted initialism (groups of one or two
+  letters joined by dots: U.S., U.K., Ph.D., a.m., p.m.) ends a sentence only
+  when the next word is a common sentence opener (``SENTENCE_OPENERS``: The, It, Then, We,
+  ...). A period after an initialism is ambiguous ("the U.S. Army" vs "in the U.S. The next
+  year"); most occurrences in running text are inside a sentence, and a wrong cut splits a
+  name across two sentences while a wrong merge only makes one sentence longer, so the
+  default is "inside", overridden by the opener words that rarely continue a name
+  ("in the U.S. Congress passed it" stays one sentence). A single capital ("the answer is
+  B. Let me check") is not an initial: in chains of thought it is an answer or a point.
 * Never split inside math or inline code: inline ``$...$``, ``\\(...\\)`` and `` `...` ``
   (closed on the same line, otherwise the opener is plain text; ``\\$`` is a dollar sign) and
   display ``$$...$$`` / ``\\[...\\]``. A display block is its own sentence, together with
@@ -98,13 +117,36 @@ _AFTER_DISPLAY_RE = re.compile(r"[ \t]*[.,;:!?]*")
 _WS_RE = re.compile(r"\s*")
 _NEWLINE_RE = re.compile(r"[^\S\n]*\n\s*")
 _TERMINATOR_RE = re.compile(r"(?P<term>[.?!…]+)[\"'”’»)\]}*]*[^\S\n]+(?=\S)")
+# CJK sentence ends: a run of terminators holding at least one full-width one, then closing
+# quotes/brackets, then optional horizontal whitespace; no whitespace is needed after it.
+_CJK_ENDS = "。｡．！？‼⁇⁈⁉"
+_CJK_TERMINATOR_RE = re.compile(
+    rf"(?P<term>[.?!…]*+[{_CJK_ENDS}][.?!…{_CJK_ENDS}]*+)"
+    r"(?P<close>[\"'”’»)\]}*」』）】〕〉》〗〙〛＂＇］｝｣]*+)[^\S\n]*+(?=\S)"
+)  # possessive: a run or closers at the end of the text are never cut inside
 _WORD_BEFORE_RE = re.compile(r"[A-Za-z][A-Za-z.]*\Z")
 _ENUMERATOR_RE = re.compile(r"\d+(?:\.\d+)*|[A-Za-z]|[ivx]{1,4}|[IVX]{1,4}")
+_INITIALISM_RE = re.compile(r"[A-Za-z]{1,2}(?:\.[A-Za-z]{1,2})+")  # the word before a final "."
+_NEXT_WORD_RE = re.compile(r"[A-Za-z]+")
 _NO_CUT_BEFORE = frozenset(",;:=)")
+_NO_CUT_BEFORE_CJK = frozenset(",;:=)，、；：＝")
+# Japanese quotation particles: 「…。」と言った continues the sentence the quotation is in.
+_QUOTATIVE = ("と", "って")
 # Words that a single `.` follows without ending the sentence (compared lowercased).
 ABBREVIATIONS = frozenset(
     "e.g i.e vs cf dr mr mrs ms prof fig figs eq eqs approx resp ref refs thm lem prop cor "
     "al ch vol pp def ca".split()
+)
+# Month abbreviations ("Jan. 1775", compared lowercased); they and dotted initialisms (U.S.,
+# Ph.D., p.m.) end a sentence only before one of SENTENCE_OPENERS (compared as written).
+MONTHS = frozenset("jan feb mar apr jun jul aug sep sept oct nov dec".split())
+# Capitalised words that start sentences but rarely continue a name after an initialism or a
+# month ("the U.S. The next year" ends a sentence; "the U.S. Army" does not).
+SENTENCE_OPENERS = frozenset(
+    "A An The This That These Those It Its I We You He She They There Then So But And Or If "
+    "In On At As For From When While After Before Since Because However Therefore Thus Hence "
+    "Also Now Next First Finally Let Wait Hmm Okay Yes No Note Here What Why How Our My Their "
+    "His Her".split()
 )
 
 
@@ -180,18 +222,47 @@ def _cot_cuts(text: str) -> tuple[set[int], set[int]]:
     for m in _TERMINATOR_RE.finditer(prose):
         if prose[m.end()].islower() or prose[m.end()] in _NO_CUT_BEFORE:
             continue
-        if m.group("term") == "." and _is_abbreviation_or_enumerator(prose, m.start()):
+        if m.group("term") == "." and (
+            _is_abbreviation(prose, m.start(), m.end()) or _is_enumerator(prose, m.start())
+        ):
             continue
         cuts.add(m.end())
+    cuts.update(m.end() for m in _CJK_TERMINATOR_RE.finditer(prose) if _cjk_ends(prose, m))
     return cuts, unit_starts
 
 
-def _is_abbreviation_or_enumerator(prose: str, dot: int) -> bool:
+def _cjk_ends(prose: str, m: re.Match) -> bool:
+    after = prose[m.end()]
+    if after in _NO_CUT_BEFORE_CJK:
+        return False
+    if m.group("close") and prose.startswith(_QUOTATIVE, m.end()):
+        return False
+    if m.group("term") == "．":  # full-width full stop: also a decimal point, an enumerator
+        dot = m.start()
+        if dot > 0 and prose[dot - 1].isdigit() and m.end() == dot + 1 and after.isdigit():
+            return False
+        return not _is_enumerator(prose, dot)
+    return True
+
+
+def _is_abbreviation(prose: str, dot: int, next_word: int) -> bool:
+    """Whether the `.` at `dot`, followed by whitespace and a word at `next_word`, closes an
+    abbreviation inside the sentence rather than the sentence."""
     # A 15-character window is enough: abbreviations are short, and a longer word seen only
     # in part can never equal one.
     word = _WORD_BEFORE_RE.search(prose, max(0, dot - 15), dot)
-    if word is not None and word.group().lower().strip(".") in ABBREVIATIONS:
+    if word is None:
+        return False
+    key = word.group().lower().strip(".")
+    if key in ABBREVIATIONS:
         return True
+    if key in MONTHS or _INITIALISM_RE.fullmatch(word.group()):
+        following = _NEXT_WORD_RE.match(prose, next_word)
+        return following is None or following.group() not in SENTENCE_OPENERS
+    return False
+
+
+def _is_enumerator(prose: str, dot: int) -> bool:
     line_start = prose.rfind("\n", 0, dot) + 1
     head = prose[line_start:dot].strip().lstrip("#>*-+ \t")
     return _ENUMERATOR_RE.fullmatch(head) is not None
@@ -266,7 +337,11 @@ def assign_tokens(
     sentence by the splitter's whitespace rule, so "first character" would hand every
     sentence-initial word to the previous sentence. Tokens with ``end <= start`` (special
     tokens without text) or whose anchor lies outside every span get -1. Offsets are
-    characters of ``text`` (not bytes), as HF fast tokenizers' ``offset_mapping`` gives them.
+    characters of ``text`` (not bytes), by the byte rule of ``tokenizer.text_of_pieces``: a
+    token's span covers every character any of its bytes belongs to, so a token holding only
+    part of an emoji spans that emoji and counts in its sentence, and spans of neighbouring
+    tokens may share that one character. Nothing here needs spans to tile, be sorted or be
+    disjoint: each token is placed on its own.
 
     Vectorised with ``np.searchsorted``: O((N + S) log) for N tokens and S sentences.
     """
