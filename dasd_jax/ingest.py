@@ -37,10 +37,14 @@ them are content segments. Each segment's text is found in the response text
 (`<think>\\n{analysis}\\n</think>\\n\\n{final}`) at or after the end of the previous one
 (verbatim; else with its leading/trailing whitespace stripped, those tokens then clipped to
 the match); its tokens get their character spans there by the byte rule of
-`tokenizer.spans_from_bytes`. Marker tokens get an empty span at the current position, so
-they fall in no sentence (`select.assign_tokens` gives -1). The result is monotone and
-non-overlapping; characters the teacher never produced as tokens (`<think>`, `</think>`)
-are covered by no teacher token. A segment that cannot be found is a `teacher_text_mismatch`.
+`tokenizer.spans_from_bytes` (a token's span covers every character any of its bytes belongs
+to). Marker tokens get an empty span at the current position, so they fall in no sentence
+(`select.assign_tokens` gives -1). The result is monotone (starts and ends non-decreasing)
+and overlaps only where a token boundary splits a character, which lies in the span of each
+token holding its bytes; characters the teacher never produced as tokens (`<think>`,
+`</think>`) are covered by no teacher token. A segment that cannot be found is a
+`teacher_text_mismatch`. Generated harmony with its special tokens (server dumps) is read by
+the one parser of generated harmony instead (`models.harmony.parse_generated`).
 
 The chat formats used to score (Qwen3 ChatML, gpt-oss harmony) are in `chat.py`.
 """
@@ -520,7 +524,7 @@ class Reader:
 
     # -- OpenAI-compatible server dumps
     def _openai(self, row: dict, line: int) -> list[Candidate]:
-        from dasd_jax.select.filters import harmony_to_think
+        from dasd_jax.sample.text import map_harmony
 
         body = _openai_body(row)
         if body is None:
@@ -557,6 +561,7 @@ class Reader:
                 else None
             )
             teacher = None
+            meta: dict[str, Any] = {"line": line, "input": str(self.path), "choice": k}
             if content:
                 pieces, lps, ids, special = [], [], [], []
                 for j, tok in enumerate(content):
@@ -573,20 +578,34 @@ class Reader:
                     m = re.fullmatch(r"token_id:(\d+)", str(tok["token"]))
                     ids.append(int(m.group(1)) if m else -1)
                     special.append(bool(_SPECIAL_RE.match(str(tok["token"]))))
-                markers = harmony_markers(pieces, special)
-                decoded = b"".join(pieces).decode("utf-8", errors="replace")
-                breaks: frozenset[int] = frozenset()
-                if any(special):
-                    response = harmony_to_think(decoded)
-                elif reasoning:
-                    response = f"<think>\n{reasoning}\n</think>\n\n{text or ''}"
-                    breaks = _break_at(pieces, len(reasoning.encode("utf-8")))
+                if any(special):  # harmony: the one parser of generated harmony
+                    finish = ch.get("finish_reason")
+                    stop = ch.get("stop_reason")
+                    ended = "" if finish == "length" or isinstance(stop, str) else None
+                    mapped = map_harmony(pieces, special, ended)
+                    if mapped.reason is not None:
+                        raise BadRow(
+                            self.path,
+                            line,
+                            f"{mapped.reason}: choices[{k}]: malformed harmony, "
+                            f"{mapped.detail}",
+                        )
+                    response, spans = mapped.response, mapped.offsets
+                    del pieces[mapped.keep :], lps[mapped.keep :], ids[mapped.keep :]
+                    meta["harmony"] = mapped.harmony
                 else:
-                    response = decoded
-                try:
-                    spans = align_teacher_tokens(pieces, markers, response, breaks)
-                except ValueError as e:
-                    raise BadRow(self.path, line, f"choices[{k}]: {e}") from None
+                    decoded = b"".join(pieces).decode("utf-8", errors="replace")
+                    breaks: frozenset[int] = frozenset()
+                    if reasoning:
+                        response = f"<think>\n{reasoning}\n</think>\n\n{text or ''}"
+                        breaks = _break_at(pieces, len(reasoning.encode("utf-8")))
+                    else:
+                        response = decoded
+                    markers = harmony_markers(pieces, special)
+                    try:
+                        spans = align_teacher_tokens(pieces, markers, response, breaks)
+                    except ValueError as e:
+                        raise BadRow(self.path, line, f"choices[{k}]: {e}") from None
                 model = str(body.get("model") or self.opts.teacher_name)
                 teacher = TokenScores(model, model, ids, lps, spans)
             else:
@@ -606,7 +625,7 @@ class Reader:
                     domain=_opt_str(row.get("domain")),
                     reference_answer=_opt_str(row.get("reference_answer")),
                     teacher=teacher,
-                    meta={"line": line, "input": str(self.path), "choice": k},
+                    meta=meta,
                 )
             )
         return out

@@ -93,9 +93,9 @@ def test_harmony_truncated_and_tool_calls():
         "<|channel|>analysis<|message|>Use tool.<|end|><|start|>assistant to=functions.calc"
         '<|channel|>commentary json<|message|>{"x":1}<|call|>'
     )
-    converted = harmony_to_think(tool)
-    assert converted == '<think>\nUse tool.\n\n<tool_call>{"x":1}</tool_call>\n</think>\n\n'
-    assert check_structure(converted) == "tool_call"
+    # the one parser of generated harmony refuses a tool call, naming it
+    with pytest.raises(ValueError, match="tool_call"):
+        harmony_to_think(tool)
     assert check_structure(tool) == "tool_call"
 
 

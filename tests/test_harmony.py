@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+from harmony_forms import A_, F_, GENERATED
 
 from dasd_jax import tokenizer as tk
 from dasd_jax.models import harmony as hm
@@ -79,27 +80,83 @@ def test_render_equals_openai_harmony_golden(tokenizers):
     assert ids[-1] == hm.TOKEN_IDS[hm.RETURN]
 
 
-def test_parse_completion_and_channels():
+def test_parse_generated_well_formed_and_channels():
     completion = GOLDEN_TEXT[len(hm.render_prompt(USER, "You are a helpful assistant.", SYSTEM)) :]
-    msgs = hm.parse_completion(completion)
-    assert [(m.channel, m.content, m.stop) for m in msgs] == [
-        ("analysis", ANALYSIS, hm.END),
-        ("final", FINAL, hm.RETURN),
+    pieces, special = hm.split_special_text(completion)
+    parsed = hm.parse_generated(pieces, special)
+    assert parsed.ok and not parsed.truncated and parsed.keep == len(pieces)
+    assert [(m.channel, m.stop) for m in parsed.messages] == [
+        ("analysis", "end"),
+        ("final", "return"),
     ]
-    assert all(completion[m.span[0] : m.span[1]] == m.content for m in msgs)
+    assert "".join(pieces[slice(*parsed.analysis)]) == ANALYSIS
+    assert "".join(pieces[slice(*parsed.final)]) == FINAL
     assert hm.channels_from_completion(completion) == (ANALYSIS, FINAL)
     # a truncated sample: reasoning without its <|end|>
     assert hm.channels_from_completion("<|channel|>analysis<|message|>so far") == ("so far", None)
+    assert hm.channels_from_completion("<|channel|>final<|message|>4<|return|>") == (None, "4")
     tool = (
         "<|channel|>analysis<|message|>need a tool<|end|><|start|>assistant<|channel|>commentary"
         ' to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
     )
-    msgs = hm.parse_completion(tool)
-    assert msgs[1].recipient == "functions.get_weather" and msgs[1].is_tool_call
-    with pytest.raises(ValueError, match="tool call"):
+    parsed = hm.parse_generated(*hm.split_special_text(tool))
+    assert parsed.reason == "tool_call" and parsed.messages[1].recipient == "functions.get_weather"
+    assert parsed.messages[1].constrained and parsed.messages[1].stop == "call"
+    with pytest.raises(ValueError, match="tool_call"):
         hm.channels_from_completion(tool)
-    with pytest.raises(ValueError, match="not a harmony message"):
-        hm.parse_completion("plain text")
+
+
+@pytest.mark.parametrize("text, ended_by, repair, reason", GENERATED)
+def test_every_malformed_form_is_named(text, ended_by, repair, reason):
+    parsed = hm.parse_generated(*hm.split_special_text(text), ended_by, repair)
+    assert parsed.reason == reason, parsed.detail
+    assert parsed.ok == (reason is None)
+    if reason is not None:
+        assert reason in hm.MALFORMED and parsed.detail.startswith("token ")
+    if reason is not None and text:  # text without harmony tokens passes through as is
+        with pytest.raises(ValueError, match=reason):
+            hm.harmony_to_think(text, ended_by, repair)
+
+
+def test_the_table_covers_every_reason():
+    assert {r for *_, r in GENERATED} - {None} == set(hm.MALFORMED)
+
+
+def test_repair_cuts_at_the_final_messages_end():
+    """The fixture's form (tiny teacher, T=1.0): the final ends with <|end|>, then text outside
+    any message, then another final. The repair keeps everything up to that <|end|>."""
+    text = A_ + F_ + "<|end|> $x = 408.<|end|>" + F_ + "<|return|>"
+    pieces, special = hm.split_special_text(text)
+    parsed = hm.parse_generated(pieces, special)
+    assert parsed.ok and parsed.repair == hm.REPAIR_FINAL_END
+    assert pieces[parsed.keep - 1] == "<|end|>" and parsed.keep == 12
+    assert parsed.dropped == len(pieces) - 12
+    assert parsed.meta()["dropped_tokens"] == parsed.dropped
+    assert hm.harmony_to_think(text) == "<think>\nReason.\n</think>\n\nAnswer."
+    # the same completion ended by another EOS, or cut right after the <|end|>
+    assert hm.parse_generated(*hm.split_special_text(A_ + F_), "<|endoftext|>").repair
+    assert hm.parse_generated(*hm.split_special_text(A_ + F_ + "<|end|>"), "").repair
+    # a new message after the final's <|end|> is not repaired: the teacher went on
+    again = A_ + F_ + "<|end|>" + F_ + "<|return|>"
+    assert hm.parse_generated(*hm.split_special_text(again)).reason == "repeated_channel"
+    off = hm.parse_generated(pieces, special, repair=False)
+    assert off.reason == "end_instead_of_return" and off.keep == len(pieces)
+
+
+def test_parse_generated_on_real_token_ids(tokenizers):
+    """Token ids of the real o200k_harmony vocabulary, ended by the EOS the engine drops;
+    text that spells a marker without being its special token is content, not structure."""
+    gpt_oss, _ = tokenizers
+    ids = gpt_oss.encode(A_ + F_, add_special_tokens=False)
+    lit = gpt_oss.encode("<|end|>", add_special_tokens=False, split_special_tokens=True)
+    assert hm.TOKEN_IDS[hm.END] not in lit and len(lit) > 1
+    for extra in ([], lit):
+        pieces = tk.token_bytes(gpt_oss, ids + extra)
+        special = [i >= 199998 for i in ids + extra]  # o200k_harmony's special ids
+        parsed = hm.parse_generated(pieces, special, "<|return|>")
+        assert parsed.ok and parsed.keep == len(ids) + len(extra) and not parsed.repair
+        final = b"".join(pieces[slice(*parsed.final)]).decode()
+        assert final == "Answer." + ("<|end|>" if extra else "")
 
 
 def test_think_mapping_round_trip_and_agrees_with_the_filters():
@@ -121,7 +178,10 @@ def test_think_mapping_round_trip_and_agrees_with_the_filters():
 def test_teacher_and_student_offsets_cover_the_same_text(tokenizers, analysis, final):
     """The teacher's gpt-oss tokens of its harmony text and the student's Qwen3 tokens of its
     ChatML text, both mapped onto the response in <think> form: every character of the
-    reasoning and the answer is covered exactly once by each model's tokens."""
+    reasoning and the answer is covered by each model's tokens: exactly once when a character
+    split across tokens goes to the last token holding its bytes (each span cut at the next
+    one's start), and by the spans themselves at least once, more than once only where a token
+    boundary splits a multi-byte character (the byte rule: each of those tokens spells it)."""
     gpt_oss, qwen3 = tokenizers
     response = hm.think_text(analysis, final)
     a, f = hm.think_spans(analysis, final)
@@ -141,18 +201,30 @@ def test_teacher_and_student_offsets_cover_the_same_text(tokenizers, analysis, f
         for s, e in s_off
         if s < chat.response_end and e > chat.response_start
     ]
-    assert "".join(response[s:e] for s, e in s_resp) == response  # student tiles it all
+    assert "".join(response[s:e] for s, e in _cut_at_next_start(s_resp)) == response
+
+    def coverage(spans, lo, hi):
+        covered = [0] * (hi - lo)
+        for s, e in spans:
+            for c in range(max(s, lo), min(e, hi)):
+                covered[c - lo] += 1
+        return covered
 
     for name, spans in (("teacher", t_resp), ("student", s_resp)):
         for lo, hi in (a, f):
-            covered = [0] * (hi - lo)
-            for s, e in spans:
-                for c in range(max(s, lo), min(e, hi)):
-                    covered[c - lo] += 1
-            assert covered == [1] * (hi - lo), name
+            assert coverage(_cut_at_next_start(spans), lo, hi) == [1] * (hi - lo), name
+            for c, k in enumerate(coverage(spans, lo, hi), lo):
+                assert k == 1 or (k > 1 and len(response[c].encode()) > 1), (name, c)
     # the teacher's tokens cover only its own text: none of the <think> markup
-    assert "".join(response[s:e] for s, e in t_resp) == analysis + final
+    assert "".join(response[s:e] for s, e in _cut_at_next_start(t_resp)) == analysis + final
     assert len(t_ids) != len(s_ids) or t_ids != s_ids  # two different tokenizations
+
+
+def _cut_at_next_start(spans):
+    """Each span cut at the next one's start: a character split across tokens goes to the last
+    token holding its bytes (the tiling the byte rule's overlapping spans give back)."""
+    nxt = [s for s, _ in spans[1:]] + [spans[-1][1]]
+    return [(a, max(a, min(b, c))) for (a, b), c in zip(spans, nxt, strict=True)]
 
 
 def test_map_spans_places_markup_at_boundaries():

@@ -45,6 +45,13 @@ def _teacher_spans(oss_bytes, harmony_text, response, drop_prefix=0):
     return ids, pieces, markers, ingest.align_teacher_tokens(pieces, markers, response)
 
 
+def _cut_at_next_start(spans):
+    """Each span cut at the next one's start: a character split across tokens goes to the last
+    token holding its bytes (the tiling the byte rule's overlapping spans give back)."""
+    nxt = [s for s, _ in spans[1:]] + [spans[-1][1]]
+    return [(a, max(a, min(b, c))) for (a, b), c in zip(spans, nxt, strict=True)]
+
+
 def _expected_sentence(offsets, spans, text):
     """Brute force of the documented rule: the sentence holding the token's first
     non-whitespace character (a whitespace-only token: its first character); -1 if empty."""
@@ -64,8 +71,11 @@ def test_student_and_teacher_tokens_land_in_the_right_sentences(qwen, oss_bytes)
     r = chat.render_chatml(PROMPT, RESPONSE, "You are a helpful assistant.")
     ids, offs = encode_with_offsets(qwen, r.text)
     first, n, s_spans = chat.response_offsets(offs, r)
-    assert "".join(RESPONSE[a:b] for a, b in s_spans) == RESPONSE  # tiles the response
-    assert [a for a, _ in s_spans[1:]] == [b for _, b in s_spans[:-1]]
+    # the byte rule: spans meet, or share the one character a token boundary splits; cut at
+    # the next start (a split character to the last token holding its bytes), they tile
+    assert "".join(RESPONSE[a:b] for a, b in _cut_at_next_start(s_spans)) == RESPONSE
+    shared = [b - a for (_, b), (a, _) in zip(s_spans, s_spans[1:], strict=False) if b != a]
+    assert shared and set(shared) == {1}
     # teacher: gpt-oss harmony tokens, as the released rows (starting inside the analysis)
     harmony = think_to_harmony(RESPONSE)
     assert harmony_to_think(harmony) == RESPONSE
@@ -73,7 +83,8 @@ def test_student_and_teacher_tokens_land_in_the_right_sentences(qwen, oss_bytes)
     t_ids, pieces, markers, t_spans = _teacher_spans(oss_bytes, harmony, RESPONSE, prefix)
     assert not any(markers[:3]) and sum(markers) == 7  # <|end|><|start|>assistant<|channel|>
     # final<|message|> ... <|return|>: 5 markers + 2 header words
-    content = [RESPONSE[a:b] for (a, b), m in zip(t_spans, markers, strict=True) if not m]
+    cut = _cut_at_next_start(t_spans)
+    content = [RESPONSE[a:b] for (a, b), m in zip(cut, markers, strict=True) if not m]
     think = RESPONSE[len("<think>\n") : RESPONSE.index("\n</think>")]
     answer = RESPONSE[RESPONSE.index("</think>\n\n") + len("</think>\n\n") :]
     assert "".join(content) == think + answer
@@ -101,8 +112,13 @@ def test_student_and_teacher_tokens_land_in_the_right_sentences(qwen, oss_bytes)
     assert spans[sent_the][0] == the + 1 and s_sent[k_the] == sent_the
     k_the_t = next(i for i, (a, b) in enumerate(t_spans) if a == the)
     assert t_sent[k_the_t] == sent_the
-    # a byte-level token holding part of a character: spans stay exact and non-overlapping
-    assert any(len(p) and not p.decode("utf-8", "ignore") for p in pieces)  # split emoji
+    # a byte-level token holding only part of a character spans it, so it lies in that
+    # character's sentence (the brute force above); only markers fall in no sentence
+    partial = [bool(len(p) and not p.decode("utf-8", "ignore")) for p in pieces]
+    assert any(partial)  # split emoji
+    for (a, b), part in zip(t_spans, partial, strict=True):
+        assert not part or (b > a and all(len(c.encode()) > 1 for c in RESPONSE[a:b]))
+    assert (t_sent[~np.array(markers)] >= 0).all()
 
 
 def test_align_strips_whitespace_and_reports_mismatch():
@@ -121,7 +137,7 @@ def test_render_harmony_pieces_map_back_to_the_response(oss_bytes):
         ids, offs = encode_with_offsets(oss_bytes.tokenizer, r.text)
         first, n, spans = chat.response_offsets(offs, r)
         assert ids[first] == 200005  # <|channel|>: the response starts with its channel
-        covered = "".join(response[a:b] for a, b in spans)
+        covered = "".join(response[a:b] for a, b in _cut_at_next_start(spans))
         assert covered == "".join(response[rs : rs + te - ts] for ts, te, rs in r.pieces)
     assert r.text.endswith("<|channel|>final<|message|>plain answer<|return|>")
     assert "<|start|>developer<|message|># Instructions\n\nBe brief.<|end|>" in r.text
@@ -267,6 +283,33 @@ def test_openai_dump_lines(tmp_path, oss_bytes):
         reader.candidates(5, json.dumps({"prompt": "q", "choices": [{"index": 0}]}))
 
 
+def test_openai_dumps_of_malformed_harmony(tmp_path, oss_bytes):
+    """Dumps go through the one parser of generated harmony: a malformed completion is a bad
+    row named by its reason; a final message ended by <|end|> is cut there exactly."""
+    good = think_to_harmony(RESPONSE).removesuffix("<|return|>")
+    dumps = [
+        good + "<|end|> stray text",  # repaired
+        good + "<|end|><|start|>assistant<|channel|>final<|message|>again<|return|>",
+        "<|channel|>commentary<|message|>Let me look that up.<|end|>",
+    ]
+    rows = [
+        {"prompt": PROMPT, "choices": [{"index": 0, "finish_reason": "stop",
+                                        "logprobs": {"content": _dump_tokens(oss_bytes, d)}}]}
+        for d in dumps
+    ]  # fmt: skip
+    path = _write_jsonl(tmp_path / "dump.jsonl", rows)
+    reader = ingest.Reader(path, "openai", ingest.IngestOptions())
+    lines = list(ingest.iter_lines(path))
+    (a,) = reader.candidates(*lines[0])
+    assert a.response == RESPONSE and a.meta["harmony"]["repair"] == "cut_at_final_end"
+    n_good = len(_dump_tokens(oss_bytes, good + "<|end|>"))
+    assert len(a.teacher.token_ids) == len(a.teacher.logprobs) == len(a.teacher.offsets) == n_good
+    with pytest.raises(BadRow, match=r"dump\.jsonl:2: repeated_channel: choices\[0\]"):
+        reader.candidates(*lines[1])
+    with pytest.raises(BadRow, match=r"dump\.jsonl:3: commentary: choices\[0\]"):
+        reader.candidates(*lines[2])
+
+
 def test_sample_stage_candidates(tmp_path, oss_bytes):
     ids = _harmony_ids(oss_bytes, RESPONSE)
     good = {
@@ -296,7 +339,9 @@ def test_sample_stage_candidates(tmp_path, oss_bytes):
     assert len(c.teacher.offsets) == len(ids)
     think = RESPONSE[len("<think>\n") : RESPONSE.index("\n</think>")]
     answer = RESPONSE[RESPONSE.index("</think>\n\n") + len("</think>\n\n") :]
-    assert "".join(RESPONSE[a:b] for a, b in c.teacher.offsets) == think + answer
+    assert "".join(RESPONSE[a:b] for a, b in _cut_at_next_start(c.teacher.offsets)) == (
+        think + answer
+    )
     with pytest.raises(BadRow, match=r"cands\.jsonl:2: logprobs has \d+ entries, token_ids"):
         reader.candidates(line2, raw2)
     with pytest.raises(BadRow, match=r"cands\.jsonl:3: missing field 'prompt'"):

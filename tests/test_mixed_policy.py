@@ -12,7 +12,7 @@ import pytest
 from dasd_jax import embedded
 from dasd_jax.config import ConfigError, load_config
 from dasd_jax.mixed_policy import cut, shards, stage
-from dasd_jax.records import BadRow
+from dasd_jax.records import BadRow, TooManyBadRows
 from dasd_jax.schema import SFTRecord, read_sft_records, write_sft_records
 from dasd_jax.select.sentences import split_sentences
 from dasd_jax.tokenizer import (
@@ -180,8 +180,8 @@ def test_teacher_view_and_continuation_in_think_form():
     assert wrapped == "<|channel|>analysis<|message|>no think tag"
     assert stage.teacher_view(prefix, harmony=False) == prefix
     assert stage.continuation_of(prefix, " 17 * 20", harmony=False) == (" 17 * 20", prefix)
-    with pytest.raises(ValueError, match="does not extend"):
-        # a new analysis message after a final one reorders the <think> text
+    with pytest.raises(stage.MalformedContinuation, match="final_before_analysis"):
+        # a new analysis message after a final one: malformed harmony, named
         stage.continuation_of(
             view, "<|end|><|start|>assistant<|channel|>analysis<|message|>x", harmony=True
         )
@@ -246,7 +246,12 @@ def _overrides(run_dir, models, *extra):
         "mixed_policy.demo=false",
         "mixed_policy.questions=6",
         "mixed_policy.length_factor=0.2",
-        "mixed_policy.teacher_max_tokens=32",
+        # The embedded teacher is trained at build time, so it is another model on each machine
+        # (XLA:CPU rounding): reading a random student's prefix it may stop, derail or write
+        # malformed harmony. A budget of 8 tokens, cut continuations kept, gives kept records
+        # on any such teacher; the rejection of cut ones is tested on its own.
+        "mixed_policy.teacher_max_tokens=8",
+        "mixed_policy.keep_truncated=true",
         "mixed_policy.non_think_prefix=as_thinking",  # a random student writes no <think>
         "mixed_policy.snap=sentence",
         "mixed_policy.questions_per_shard=2",
@@ -294,7 +299,6 @@ def test_stage_counts_and_record_contract(reference, models, tok):
     assert Counter(r["reason"] for r in rejects) == Counter(summary["rejected"])
     # both outcomes of the student (EOS before the budget / budget used) and of the teacher
     assert summary["rejected"].get("not_capped", 0) >= 1 and c["out"] >= 1
-    assert summary["rejected"].get("continuation_truncated", 0) >= 1
     questions = {r["question"] for r in rejects} | {s["question"] for s in samples}
     assert len(questions) == 6  # every drawn question once, kept or rejected
     plan = json.loads((out / "plan.json").read_text())
@@ -316,9 +320,26 @@ def test_stage_counts_and_record_contract(reference, models, tok):
         assert rec.student_prefix_chars == m["cut_chars"] == s["prefix_chars"]
         assert m["L"] == m["cap"] and m["student_finish"] == "length"
         assert 0.5 * m["L"] < m["cut_token"] < m["L"]
-        assert m["teacher_finish"] == "stop"  # truncated ones were rejected
+        # kept with keep_truncated=true: a cut continuation used the whole budget
+        assert m["teacher_finish"] == "stop" or m["continuation_tokens"] == 8
         assert len(rec.response) == s["prefix_chars"] + s["continuation_chars"]
         assert m["student"] == str(models[0]) and m["teacher"] == str(models[1])
+
+
+def test_cut_continuations_are_rejected_by_default(tmp_path, models):
+    """keep_truncated=false (the default): a continuation that hits teacher_max_tokens is a
+    reject; with a 2-token budget the teacher (any build of it) is cut on every question it
+    continues, rather than writing its whole answer."""
+    cut = ("mixed_policy.keep_truncated=false", "mixed_policy.teacher_max_tokens=2")
+    summary = stage.run(_cfg(_sources(tmp_path), models, *cut))
+    assert summary["counts"]["out"] == 0
+    rejected = summary["rejected"]
+    assert rejected.get("continuation_truncated", 0) >= 1
+    assert set(rejected) <= {"not_capped", "continuation_truncated", "empty_continuation"}
+    rejects = (tmp_path / "mixed_policy" / "rejects.jsonl").read_text().splitlines()
+    for r in map(json.loads, rejects):
+        if r["reason"] == "continuation_truncated":
+            assert r["continuation_tokens"] == 2
 
 
 def test_prefix_and_continuation_match_the_models(reference, models):
@@ -368,7 +389,7 @@ def test_prefix_and_continuation_match_the_models(reference, models):
         _overrides(
             run_dir,
             models,
-            "sample.max_tokens=32",
+            "sample.max_tokens=8",
             f"sample.max_prefill_length={eng['teacher_prefill']}",
         ),
     )
@@ -376,7 +397,7 @@ def test_prefix_and_continuation_match_the_models(reference, models):
     for r in records:
         # the teacher reads the random prefix as thinking (non_think_prefix=as_thinking)
         (cand,) = teacher.continue_(
-            r.prompt, "<think>\n" + prefixes[r.id], temperature=1.0, seed=cfg.seed, max_tokens=32
+            r.prompt, "<think>\n" + prefixes[r.id], temperature=1.0, seed=cfg.seed, max_tokens=8
         )
         assert cand.meta["seed"] == r.meta["teacher_seed"]
         cont = cand.response[cand.meta["student_prefix_chars"] :]
@@ -489,9 +510,12 @@ def test_bad_source_records_are_located_or_skipped(tmp_path, models, tok):
     w.write(b"{not json")
     w.close()
     with pytest.raises(BadRow, match=r"train-00001.array_record:1: not an SFTRecord"):
+        stage.run(_cfg(tmp_path, models, "mixed_policy.on_bad_row=error"))
+    # the pipeline-wide policy: counted, but 1 of 14 records is more than 5%
+    with pytest.raises(TooManyBadRows, match=r"mixed_policy: 1 of 14 rows are bad.*SFTRecord"):
         stage.run(_cfg(tmp_path, models))
     shutil.rmtree(tmp_path / "mixed_policy", ignore_errors=True)
-    plan_only = _cfg(tmp_path, models, "mixed_policy.on_bad_row=skip")
+    plan_only = _cfg(tmp_path, models, "bad_rows.max_bad_fraction=0.1")
     records = stage.SourceRecords(stage.source_files(plan_only))
     from dasd_jax.mixed_policy.plan import build_plan
 

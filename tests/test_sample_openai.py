@@ -65,9 +65,11 @@ def _same(a: Candidate, b: Candidate):
 
 def test_client_through_a_local_server_equals_the_engine_stage(setup):
     tmp, teacher, data = setup
-    stage.run(load_config(None, _overrides(tmp / "engine", teacher, data)))
+    engine = stage.run(load_config(None, _overrides(tmp / "engine", teacher, data)))
     ref = _candidates(tmp / "engine" / "sample")
-    assert len(ref) == 3 * 2 * 2
+    # random tokens may spell text not in NFC (e.g. a CJK compatibility ideograph): refused
+    assert len(ref) + engine["candidates_rejected"] == engine["samples"] == 3 * 2 * 2
+    assert set(engine["candidate_reject_reasons"]) <= {"not_nfc"}
 
     cfg = load_config(None, _overrides(tmp / "server", teacher, data))
     sampler = stage.TeacherSampler(teacher, cfg)
@@ -83,6 +85,7 @@ def test_client_through_a_local_server_equals_the_engine_stage(setup):
             load_config(None, _overrides(tmp / "client", teacher, data, *client_args))
         )
         assert summary["retries"] == 3 and summary["backend"] == "openai"
+        assert summary["counts"] == engine["counts"]  # the same samples refused
         assert server.posts == 3 + 12  # 3 injected 503s, then one request per candidate
         assert 1 <= server.max_seen_inflight <= 3  # the client's bound
         got = _candidates(tmp / "client" / "sample")
@@ -111,7 +114,12 @@ def test_client_through_a_local_server_equals_the_engine_stage(setup):
                 ),
             )
         )
-        assert chat["candidates"] == 6
+        assert chat["samples"] == 6
+        t1 = engine["per_temperature"]["t1"]  # the same samples as the engine's at T=1.0
+        assert (
+            chat["candidates"] == t1["candidates"]
+            and len(_candidates(tmp / "chat")) == t1["candidates"]
+        )
         for k, c in _candidates(tmp / "chat" / "sample").items():
             _same(c, ref[k])
 
@@ -182,9 +190,20 @@ def test_client_rejects_prompts_the_server_refuses(setup, tmp_path):
                     f"sample.openai.base_url={server.base_url}",
                     "sample.backend=openai",
                     "sample.temperatures=[1.0]",
+                    "bad_rows.max_bad_fraction=0.5",  # 1 of these 2 prompts is refused
                 ),
             )
         )
     assert summary["rejects"] == 1 and summary["prompts_out"] == 1
     rej = json.loads((tmp_path / "c/sample/t1/rejects.part-000000.jsonl").read_text())
     assert rej["id"] == "long" and rej["reason"].startswith("server: HTTP 400: prompt_too_long")
+
+
+def test_token_strings_concatenate_to_the_text():
+    # "a" + the parrot split over two tokens + "b": both spans hold the parrot (the byte
+    # rule); the OpenAI token strings give it to the token holding its last byte
+    from types import SimpleNamespace
+
+    c = SimpleNamespace(text="a🦜b", offsets=[(0, 2), (1, 2), (2, 3)], token_ids=[7, 8, 9])
+    assert EngineServer._token_strings(None, c, False) == ["a", "🦜", "b"]
+    assert EngineServer._token_strings(None, c, True) == ["token_id:7", "token_id:8", "token_id:9"]

@@ -12,7 +12,7 @@ import pytest
 
 from dasd_jax import embedded
 from dasd_jax.config import ConfigError, load_config
-from dasd_jax.records import BadRow
+from dasd_jax.records import BadRow, TooManyBadRows
 from dasd_jax.sample import shards, stage
 from dasd_jax.sample.driver import Request, generate
 from dasd_jax.schema import Candidate
@@ -68,8 +68,16 @@ def _read(folder):
 def test_candidates_are_well_formed(tmp_path, teacher):
     data, rows = _prompts(tmp_path)
     summary = stage.run(_cfg(tmp_path / "run", teacher, data))
-    assert summary["candidates"] == 5 * 2 * 2 and summary["rejects"] == 0
-    assert summary["candidates_per_temperature"] == {"t0.6": 10, "t1": 10}
+    assert summary["samples"] == 5 * 2 * 2 and summary["rejects"] == 0
+    # random tokens may spell text not in NFC (e.g. a CJK compatibility ideograph): such a
+    # sample is refused with its reason, as the score stage would refuse it
+    refused = []
+    for f in sorted((tmp_path / "run" / "sample").glob("t*/rejects.part-*.jsonl")):
+        refused += [json.loads(x) for x in f.read_text().splitlines()]
+    assert len(refused) == summary["candidates_rejected"]
+    assert all(r["reason"] == "not_nfc" for r in refused)
+    per_t = summary["candidates_per_temperature"]
+    assert summary["candidates"] + len(refused) == sum(per_t.values()) + len(refused) == 20
     reasons = summary["finish_reasons"]
     assert reasons.get("stop", 0) > 0 and reasons.get("length", 0) > 0  # both paths ran
     from dasd_jax.sample.text import TokenText
@@ -96,7 +104,10 @@ def test_candidates_are_well_formed(tmp_path, teacher):
                 assert c.response == ""
                 continue
             assert t.offsets[0][0] == 0 and t.offsets[-1][1] == len(c.response)
-            assert all(a[1] == b[0] for a, b in zip(t.offsets, t.offsets[1:], strict=False))
+            # consecutive spans meet, or share the one character a token boundary splits
+            assert all(
+                a[1] - b[0] in (0, 1) for a, b in zip(t.offsets, t.offsets[1:], strict=False)
+            )
             assert max(t.logprobs) <= 0 and max(t.sampling_logprobs) <= 0
             if c.temperature == 1.0:  # T=1, no truncation: the same distribution
                 np.testing.assert_allclose(t.sampling_logprobs, t.logprobs, atol=1e-4)
@@ -110,9 +121,10 @@ def test_candidates_are_well_formed(tmp_path, teacher):
             assert c.meta["seed"] == stage.candidate_seed(
                 0, c.prompt_id, c.temperature, c.candidate
             )
+    seen |= {(r["temperature"], r["prompt_id"], r["candidate"]) for r in refused}
     assert len(seen) == 20
     stats = json.loads((tmp_path / "run/sample/t1/part-000002.stats.json").read_text())
-    assert stats["prompts_in"] == 1 and stats["candidates"] == 2
+    assert stats["prompts_in"] == 1 and stats["samples"] == 2
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -124,8 +136,8 @@ KILL_SCRIPT = textwrap.dedent("""
     calls = [0]
     append = shards._append_journal
 
-    def append_then_die(*args):
-        append(*args)
+    def append_then_die(*args, **kwargs):
+        append(*args, **kwargs)
         calls[0] += 1
         if calls[0] == {kill_after}:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind runs
@@ -158,7 +170,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, teacher):
     assert set(partial) < set(ref) and all(partial[k] == ref[k] for k in partial)
 
     summary = stage.run(_cfg(run_dir, teacher, data))
-    assert summary["skipped_shards"] == len(partial) and summary["candidates"] == 20
+    assert summary["skipped_shards"] == len(partial) and summary["samples"] == 20
     assert _read(out) == ref
     assert not list(out.rglob("*.journal"))
     resumed = sum(json.loads(f.read_text())["resumed_prompts"] for f in out.rglob("*.stats.json"))
@@ -191,14 +203,21 @@ def test_bad_prompts_are_rejected_with_their_reason(tmp_path, teacher):
     ]
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(lines) + "\n")
+    args = ("sample.prompts_per_shard=10", "sample.temperatures=[1.0]")
+    # the pipeline-wide policy: 6 of 7 bad prompt lines stop the run at the first one that
+    # makes the share certain to pass 5%, naming the count, the reason and the rejects
+    with pytest.raises(
+        TooManyBadRows, match=r"sample: 1 of the input's 7 rows .*empty_prompt \(1\)"
+    ):
+        stage.run(_cfg(tmp_path / "default", teacher, data, *args))
     summary = stage.run(
         _cfg(
             tmp_path / "run",
             teacher,
             data,
             "sample.on_bad_row=skip",
-            "sample.prompts_per_shard=10",
-            "sample.temperatures=[1.0]",
+            "bad_rows.max_bad_fraction=1",
+            *args,
         )
     )
     assert summary["prompts_out"] == 1 and summary["rejects"] == 6
@@ -215,7 +234,8 @@ def test_bad_prompts_are_rejected_with_their_reason(tmp_path, teacher):
     assert reasons[7].startswith("malformed JSON")
 
     with pytest.raises(BadRow, match=r"bad.jsonl:2: empty_prompt"):
-        stage.run(_cfg(tmp_path / "run2", teacher, data, "sample.prompts_per_shard=10"))
+        strict = ("sample.prompts_per_shard=10", "sample.on_bad_row=error")
+        stage.run(_cfg(tmp_path / "run2", teacher, data, *strict))
     for bad, key in [
         ("sample.temperatures=[-0.5]", "sample.temperatures"),
         ("sample.temperatures=[.nan]", "sample.temperatures"),

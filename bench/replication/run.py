@@ -377,6 +377,7 @@ def train_arm(out: Path, p: Preset, seed: int, arm: Arm) -> Path:
 def evaluate(out: Path, p: Preset, folder: Path, label: str, seed: int, problems) -> dict:
     """avg@k by exact answer match: k samples per held-out problem at T=1.0 (the paper's
     evaluation temperature), through the sampling engine over the exported student."""
+    from dasd_jax.sample.shards import Rejected
     from dasd_jax.sample.stage import TeacherSampler
 
     path = out / f"seed{seed}" / "eval" / f"{label}.json"
@@ -397,13 +398,18 @@ def evaluate(out: Path, p: Preset, folder: Path, label: str, seed: int, problems
     )
     rows = []
     for q, cs in zip(problems, cands, strict=True):
+        # an answer the sample stage would refuse (e.g. text not in NFC) is judged on its raw
+        # text all the same: dropping it would raise avg@k
+        texts = [c.text if isinstance(c, Rejected) else c.response for c in cs]
         rows.append(
             {
                 "id": q.id,
                 "answer": q.answer,
-                "correct": [bool(task.exact_match(c.response, q.answer)) for c in cs],
-                "styles": [task.detect_style(c.response) for c in cs],
-                "tokens": [len(c.teacher.token_ids) for c in cs],
+                "correct": [bool(task.exact_match(t, q.answer)) for t in texts],
+                "styles": [task.detect_style(t) for t in texts],
+                "tokens": [
+                    c.n_tokens if isinstance(c, Rejected) else len(c.teacher.token_ids) for c in cs
+                ],  # fmt: skip
                 "truncated": [c.finish_reason == "length" for c in cs],
             }
         )

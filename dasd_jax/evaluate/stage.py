@@ -348,7 +348,7 @@ def evaluate_shard(
         jobs.append(Job((bench.name, shard, p.line), p.id, p.prompt, tokens, ev.temperature, seeds))
     got: dict[int, list] = {p.line: [None] * ev.k for p in problems}
     for job, index, cand in sampler.stream(iter(jobs), progress):
-        got[job.key[2]][index] = cand
+        got[job.key[2]][index] = _answer(cand)
     items = [(c.response, p.answer, p.row) for p in problems for c in got[p.line]]
     verdicts = judge_all(ev.scorer, items, ev.verify_timeout_s, ev.score_workers)
     rows = []
@@ -364,16 +364,38 @@ def evaluate_shard(
             "n_correct": sum(v is True for v in correct),
             "correct": correct,
             "finish_reasons": [c.finish_reason for c in cands],
-            "lengths": [len(c.teacher.token_ids) for c in cands],
+            "lengths": [c.n_tokens for c in cands],
             "response_chars": [len(c.response) for c in cands],
         }
         errors = {i: f"{s}: {v}" if v else s for i, (s, v) in enumerate(judged) if s != "ok"}
         if errors:
             row["judge_errors"] = errors
+        refused = {i: c.refused for i, c in enumerate(cands) if c.refused}
+        if refused:  # judged on their raw text all the same (dropping them would bias avg@k)
+            row["malformed"] = refused
         if ev.response_tail_chars:
             row["responses"] = [_tail(c.response, ev.response_tail_chars) for c in cands]
         rows.append(row)
     return rows
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What a sample is judged on: its response, or for a sample the sample stage would refuse
+    (malformed harmony, text not in NFC) its raw text, with the reason in `refused`."""
+
+    response: str
+    finish_reason: str
+    n_tokens: int
+    refused: str | None = None
+
+
+def _answer(c) -> _Answer:
+    from dasd_jax.sample.shards import Rejected
+
+    if isinstance(c, Rejected):
+        return _Answer(c.text, c.finish_reason, c.n_tokens, c.reason)
+    return _Answer(c.response, c.finish_reason, len(c.teacher.token_ids))
 
 
 def summarize_pair(rows: Sequence[dict], pass_k: Sequence[int]) -> dict:

@@ -302,16 +302,35 @@ def teacher_view(prefix: str, harmony: bool, wrap: bool = False) -> str | None:
         return None
 
 
-def continuation_of(view_text: str, generated: str, harmony: bool) -> tuple[str, str]:
+class MalformedContinuation(ValueError):
+    """The teacher's continuation is malformed harmony; `reason` from `harmony.MALFORMED`."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+def continuation_of(
+    view_text: str,
+    generated: str,
+    harmony: bool,
+    ended: str | None = None,
+    repair: bool = True,
+) -> tuple[str, str]:
     """(the teacher's continuation in `<think>` form, the prefix as the teacher's text maps
     back): the continuation is what the whole response adds after the prefix, as
-    `TeacherSampler.continue_` computes it. ValueError when the mapped whole response does not
-    extend the mapped prefix."""
-    from dasd_jax.select.filters import harmony_to_think
+    `TeacherSampler.continue_` computes it. For a harmony teacher the whole text is read by
+    the one parser of generated harmony (`ended`, `repair`: see `harmony.parse_generated`):
+    `MalformedContinuation` names its reason; ValueError when the mapped whole response does
+    not extend the mapped prefix."""
+    from dasd_jax.models import harmony as hm
 
     whole, seen = view_text + generated, view_text
     if harmony:
-        whole, seen = harmony_to_think(whole), harmony_to_think(view_text)
+        parsed, whole = hm.parse_generated_text(whole, ended, repair)
+        if whole is None:
+            raise MalformedContinuation(parsed.reason, parsed.detail)
+        seen = hm.parse_generated_text(view_text, "")[1] or ""
     if not whole.startswith(seen):
         raise ValueError("the teacher's response in <think> form does not extend the prefix")
     return whole[len(seen) :], seen
@@ -322,7 +341,7 @@ def teacher_phase(cfg, plan, shards, records, student_name, student_tok, teacher
     `teacher` is (local HF folder, name in provenance); `metrics` the local progress file."""
     from dasd_jax.sample.driver import Driver, Request
     from dasd_jax.sample.shards import candidate_seed
-    from dasd_jax.sample.text import TokenText
+    from dasd_jax.sample.text import TokenText, ended_by
 
     mp = cfg.mixed_policy
     wrap = mp.non_think_prefix == "as_thinking"
@@ -383,7 +402,16 @@ def teacher_phase(cfg, plan, shards, records, student_name, student_tok, teacher
         x, sh, st = m["x"], m["shard"], m["shard"].student[m["x"]["q"]]
         t_prefix = sampler.token_text.text(m["t_ids"])[0]
         try:
-            continuation, seen = continuation_of(t_prefix, c.text or "", harmony)
+            continuation, seen = continuation_of(
+                t_prefix,
+                c.text or "",
+                harmony,
+                ended_by(c.finish_reason, c.stop, sampler.token_text),
+                cfg.sample.harmony_repair,
+            )
+        except MalformedContinuation as e:
+            sh.append(reject(x, f"harmony_{e.reason}", detail=str(e)))
+            continue
         except ValueError as e:
             sh.append(reject(x, "teacher_error", detail=str(e)))
             continue

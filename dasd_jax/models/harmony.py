@@ -153,57 +153,305 @@ def render(
 # --------------------------------------------------------------------------- parsing
 
 
-@dataclass(frozen=True)
-class HarmonyMessage:
-    """One parsed assistant message. `span`: its content's characters in the parsed text.
-    `stop`: the token that ended it ("" when the text ends first: a truncated sample)."""
+# Why a generated completion is refused (`GeneratedHarmony.reason`); docs/sample.md lists them.
+MALFORMED = {
+    "text_outside_message": "text between messages, or after <|return|>",
+    "unknown_role": "a message whose role is not assistant",
+    "unknown_channel": "a channel other than analysis, final or commentary (or none)",
+    "repeated_channel": "a second analysis or final message",
+    "final_before_analysis": "an analysis message after the final one",
+    "tool_call": "a message to a recipient (to=...), a <|constrain|> format or a <|call|> stop",
+    "commentary": "a commentary message (tool preambles; the data has no place for them)",
+    "no_final_message": "the teacher stopped (<|return|>, an EOS) before any final message",
+    "header_cut_off": "the completion ends inside a message header",
+    "end_instead_of_return": "the final message ends with <|end|> or another EOS (repair off)",
+    "unterminated_message": "a new <|start|> before the current message's stop token",
+    "unexpected_token": "a harmony token where the format has none (e.g. <|message|> in text)",
+}
+REPAIR_FINAL_END = "cut_at_final_end"  # the final message's <|end|> taken as its <|return|>
 
+_KINDS = {
+    START: "start",
+    END: "end",
+    MESSAGE: "message",
+    CHANNEL: "channel",
+    RETURN: "return",
+    CALL: "call",
+    CONSTRAIN: "constrain",
+}
+# harmony's special tokens as text (servers that return text, dumps): split on these
+_SPECIAL_TEXT = re.compile(
+    r"<\|(?:start|end|message|channel|return|call|constrain|endoftext|startoftext)\|>"
+)
+
+
+@dataclass(frozen=True)
+class GeneratedMessage:
+    """One message of a generated completion: `content` is its token range [a, b); `stop`
+    the kind of token that ended it (`end`, `return`, `call`, `special` for another EOS such
+    as <|endoftext|>, "" when the tokens ran out first)."""
+
+    role: str
     channel: str
     recipient: str | None
-    content: str
-    span: Span
+    constrained: bool
+    content: tuple[int, int]
     stop: str
 
-    @property
-    def is_tool_call(self) -> bool:
-        return self.recipient is not None or self.stop == CALL
 
+@dataclass(frozen=True)
+class GeneratedHarmony:
+    """A generated completion classified (`parse_generated`).
 
-_HEADER = re.compile(
-    r"(?:<\|start\|>(?P<role>[^<]*))?<\|channel\|>(?P<channel>[^<\s]+)(?P<rest>[^<]*)"
-    r"(?:<\|constrain\|>[^<]*)?<\|message\|>"
-)
-_STOPS = (END, RETURN, CALL)
-
-
-def parse_completion(text: str) -> list[HarmonyMessage]:
-    """Messages of a completion (optionally starting with `<|start|>assistant`).
-
-    A recipient (`to=functions.x`) may sit in the role or after the channel name. Raises
-    ValueError on text between messages that is not harmony markup.
+    Well formed (`reason is None`): an analysis then a final message, or a final alone,
+    ending with `<|return|>`, or cut at max_tokens inside one of them (`truncated`), or, with
+    the exact repair, a final message ended by `<|end|>` (`repair`): everything after it is
+    dropped and `keep` < the number of tokens. `analysis` / `final` are content token ranges;
+    `analysis_closed`: the analysis message ended with its `<|end|>`.
     """
-    out: list[HarmonyMessage] = []
-    pos = 0
-    while pos < len(text):
-        m = _HEADER.match(text, pos)
-        if m is None:
-            raise ValueError(f"not a harmony message at character {pos}: {text[pos : pos + 40]!r}")
-        header = (m.group("role") or "") + " " + m.group("rest")
-        to = re.search(r"to=(\S+)", header)
-        start = m.end()
-        ends = [(text.find(s, start), s) for s in _STOPS]
-        ends = [(i, s) for i, s in ends if i >= 0]
-        nxt = text.find(START, start)  # a message may be cut without a stop token
-        if nxt >= 0:
-            ends.append((nxt, ""))
-        end, stop = min(ends) if ends else (len(text), "")
-        out.append(
-            HarmonyMessage(
-                m.group("channel"), to.group(1) if to else None, text[start:end], (start, end), stop
-            )
+
+    reason: str | None
+    detail: str
+    messages: tuple[GeneratedMessage, ...]
+    n_tokens: int
+    keep: int
+    analysis: tuple[int, int] | None = None
+    final: tuple[int, int] | None = None
+    analysis_closed: bool = False
+    truncated: bool = False
+    repair: str | None = None
+    at: int | None = None  # the token the reason (or the repair) points at
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+    @property
+    def dropped(self) -> int:
+        return self.n_tokens - self.keep
+
+    def meta(self) -> dict:
+        """What a record's `meta.harmony` says about how its text was read."""
+        out: dict = {"truncated": self.truncated} if self.ok else {"reason": self.reason}
+        if self.repair:
+            out.update(repair=self.repair, dropped_tokens=self.dropped, detail=self.detail)
+        elif not self.ok:
+            out.update(detail=self.detail, at_token=self.at)
+        return out
+
+
+def _kind(piece: bytes | str, special: bool) -> str:
+    if not special:
+        return "text"
+    text = piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else piece
+    return _KINDS.get(text, "special")
+
+
+def _text(piece: bytes | str) -> str:
+    return piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else piece
+
+
+def parse_generated(
+    pieces: Sequence[bytes | str],
+    special: Sequence[bool],
+    ended_by: str | None = None,
+    repair: bool = True,
+) -> GeneratedHarmony:
+    """Classify what gpt-oss generated after `<|start|>assistant` (the one parser of
+    generated harmony: the sample stage, server dumps, the mixed-policy teacher).
+
+    `pieces`: each token's bytes (or text), `special`: which are special tokens.
+    `ended_by`: the stop token that ended generation when it is not among the pieces (our
+    engine drops the EOS), e.g. `<|return|>`; "" when generation was cut (max_tokens, a stop
+    string); None when unknown (the pieces alone tell). `repair`: take a final message's
+    `<|end|>` (or another EOS) as its `<|return|>` and drop what follows: the kept text and
+    log-probs are exactly what the teacher wrote (a causal model's earlier tokens do not
+    depend on later ones). Not when a new message (`<|start|>`) follows that `<|end|>`: the
+    teacher went on, and the completion is classified by that message (an analysis:
+    `final_before_analysis`, a second final: `repeated_channel`, ...). Never raises:
+    malformed input gives a `reason` from `MALFORMED`.
+    """
+    n = len(pieces)
+    kinds = [_kind(p, s) for p, s in zip(pieces, special, strict=True)]
+    last = _text(pieces[-1]) if n and special[-1] else None
+    if ended_by and _SPECIAL_TEXT.fullmatch(ended_by) and ended_by != last:
+        kinds.append(_kind(ended_by, True))  # a virtual last token, never kept
+    msgs: list[GeneratedMessage] = []
+    seen: dict[str, tuple[int, int]] = {}
+    closed = False
+
+    def result(reason=None, at=None, detail="", **kw) -> GeneratedHarmony:
+        where = "" if at is None else f"token {at}: "
+        return GeneratedHarmony(
+            reason,
+            where + detail,
+            tuple(msgs),
+            n,
+            kw.pop("keep", n),
+            seen.get("analysis"),
+            seen.get("final"),
+            closed,
+            at=at,
+            **kw,
         )
-        pos = end + len(stop)
-    return out
+
+    i = 0
+    while i < len(kinds):
+        # ---- header: [<|start|>] role [<|channel|> channel [<|constrain|> fmt]] <|message|>
+        h0 = i
+        if kinds[i] in ("return", "call", "special"):  # the teacher stopped: no answer
+            return result("no_final_message", i, f"{_name(kinds[i])} before any final message")
+        if kinds[i] == "start":
+            i += 1
+        elif msgs and kinds[i] == "text":
+            return result("text_outside_message", i, "text after a message's stop token")
+        elif msgs or kinds[i] not in ("text", "channel", "message"):
+            return result("unexpected_token", i, f"{_name(kinds[i])} where a header belongs")
+        while i < len(kinds) and kinds[i] in ("text", "channel", "constrain"):
+            i += 1
+        if i == len(kinds):
+            return result("header_cut_off", h0, "the completion ends inside a message header")
+        if kinds[i] != "message":
+            return result("unexpected_token", i, f"{_name(kinds[i])} inside a message header")
+        role, channel, recipient, constrained = _header(pieces, kinds, h0, i, not msgs)
+        # ---- content, then its stop token
+        a = i = i + 1
+        while i < len(kinds) and kinds[i] == "text":
+            i += 1
+        stop = "" if i == len(kinds) else kinds[i]
+        if stop == "start":
+            return result("unterminated_message", i, "<|start|> before the message's stop token")
+        if stop in ("channel", "message", "constrain"):
+            return result("unexpected_token", i, f"{_name(stop)} inside a message's content")
+        msgs.append(GeneratedMessage(role, channel, recipient, constrained, (a, i), stop))
+        # ---- what the message is, in order of the text
+        if role != "assistant":
+            return result("unknown_role", h0, f"role {role!r}")
+        if recipient is not None or constrained or stop == "call":
+            return result("tool_call", h0, f"a message to {recipient or '(a tool)'}")
+        if channel == "commentary":
+            return result("commentary", h0, "a commentary message")
+        if channel not in ("analysis", "final"):
+            return result("unknown_channel", h0, f"channel {channel!r}")
+        if channel == "analysis" and "final" in seen:
+            return result("final_before_analysis", h0, "an analysis message after the final")
+        if channel in seen:
+            return result("repeated_channel", h0, f"a second {channel} message")
+        seen[channel] = (a, i)
+        if channel == "analysis":
+            if stop in ("return", "special"):
+                return result("no_final_message", i, f"{_name(stop)} ends the analysis")
+            closed = stop == "end"
+            if stop == "":
+                return result(truncated=True)
+            i += 1
+            continue
+        # the final message
+        if stop == "":
+            return result(truncated=True)
+        if stop == "return":
+            if i + 1 < len(kinds):
+                return result("text_outside_message", i + 1, "tokens after <|return|>")
+            return result(keep=min(i + 1, n))
+        if stop == "end" and i + 1 < len(kinds) and kinds[i + 1] == "start":
+            i += 1  # the teacher went on with another message: its turn was not over
+            continue
+        if not repair:
+            return result("end_instead_of_return", i, f"{_name(stop)} ends the final message")
+        tail = len(kinds) - i - 1
+        return result(
+            keep=min(i + 1, n),
+            repair=REPAIR_FINAL_END,
+            at=i,
+            detail=f"{_name(stop)} ends the final message; {tail} later tokens dropped",
+        )
+    if ended_by == "" or (ended_by is None and closed):
+        # cut at max_tokens between messages, after a complete analysis
+        return result(truncated=True)
+    return result("no_final_message", n, "the completion ends without a final message")
+
+
+def _name(kind: str) -> str:
+    return next((t for t, k in _KINDS.items() if k == kind), "an EOS token" if kind else "")
+
+
+def _header(pieces, kinds, h0: int, h1: int, first: bool) -> tuple[str, str, str | None, bool]:
+    """(role, channel, recipient, constrained) of the header tokens [h0, h1)."""
+    parts = {"role": "", "channel": "", "constrain": ""}
+    at = "role"
+    for k in range(h0, h1):
+        if kinds[k] in ("channel", "constrain"):
+            at = kinds[k]
+        elif kinds[k] == "text":
+            parts[at] += _text(pieces[k])
+    words = parts["role"].split()
+    # the prompt ends with `<|start|>assistant`: the first header may start at `<|channel|>`
+    # (or at a recipient, ` to=functions.x`)
+    role = "assistant" if first and kinds[h0] != "start" else (words[0] if words else "")
+    channel = parts["channel"].split()
+    to = re.search(r"to=(\S+)", parts["role"] + " " + parts["channel"])
+    return (
+        role,
+        channel[0] if channel else "",
+        to.group(1) if to else None,
+        "constrain" in kinds[h0:h1],
+    )
+
+
+def split_special_text(text: str) -> tuple[list[str], list[bool]]:
+    """Text with harmony's special tokens written out -> (pieces, is-special flags)."""
+    pieces, special, pos = [], [], 0
+    for m in _SPECIAL_TEXT.finditer(text):
+        if m.start() > pos:
+            pieces.append(text[pos : m.start()])
+            special.append(False)
+        pieces.append(m.group())
+        special.append(True)
+        pos = m.end()
+    if pos < len(text):
+        pieces.append(text[pos:])
+        special.append(False)
+    return pieces, special
+
+
+def think_parts(parsed: GeneratedHarmony, contents: dict[str, str]) -> tuple[str, str | None]:
+    """(analysis, final) for `think_text` of a well-formed completion, from its messages'
+    content texts. A complete analysis without a final (cut between messages) closes the
+    thinking with an empty answer; one cut inside it stays open (final None)."""
+    final = contents.get("final")
+    if final is None and parsed.analysis_closed:
+        final = ""
+    return contents.get("analysis", ""), final
+
+
+def parse_generated_text(
+    text: str, ended_by: str | None = None, repair: bool = True
+) -> tuple[GeneratedHarmony, str | None]:
+    """`parse_generated` of a completion written out as text, with its `<think>` form
+    (`think_text` of its analysis and final, `think_parts`' rule for a missing final); None
+    for a malformed one."""
+    pieces, special = split_special_text(text)
+    parsed = parse_generated(pieces, special, ended_by, repair)
+    if not parsed.ok:
+        return parsed, None
+    contents = {
+        ch: "".join(pieces[r[0] : r[1]])
+        for ch, r in (("analysis", parsed.analysis), ("final", parsed.final))
+        if r is not None
+    }
+    return parsed, think_text(*think_parts(parsed, contents))
+
+
+def harmony_to_think(text: str, ended_by: str | None = None, repair: bool = True) -> str:
+    """The `<think>` form of a completion written out as text (`parse_generated_text`);
+    ValueError naming the `MALFORMED` reason for a malformed one. Text without harmony tokens
+    is returned as is."""
+    if not _SPECIAL_TEXT.search(text):
+        return text
+    parsed, think = parse_generated_text(text, ended_by, repair)
+    if think is None:
+        raise ValueError(f"{parsed.reason}: {parsed.detail}")
+    return think
 
 
 # --------------------------------------------------------------------------- <think> form
@@ -238,20 +486,20 @@ def split_think(text: str) -> tuple[str, str]:
     return m.group("think"), m.group("answer")
 
 
-def channels_from_completion(text: str) -> tuple[str | None, str | None]:
-    """(analysis, final) of a plain completion (one of each at most); raises on tool calls or
-    extra messages, which the data filters drop anyway."""
-    analysis = final = None
-    for msg in parse_completion(text):
-        if msg.is_tool_call:
-            raise ValueError(f"tool call to {msg.recipient!r} in the completion")
-        if msg.channel == "analysis" and analysis is None and final is None:
-            analysis = msg.content
-        elif msg.channel == "final" and final is None:
-            final = msg.content
-        else:
-            raise ValueError(f"unexpected {msg.channel!r} message in the completion")
-    return analysis, final
+def channels_from_completion(
+    text: str, ended_by: str | None = None, repair: bool = True
+) -> tuple[str | None, str | None]:
+    """(analysis, final) contents of a generated completion written out as text (None where a
+    message is absent); ValueError naming the `MALFORMED` reason otherwise."""
+    pieces, special = split_special_text(text)
+    parsed = parse_generated(pieces, special, ended_by, repair)
+    if not parsed.ok:
+        raise ValueError(f"{parsed.reason}: {parsed.detail}")
+    a, f = parsed.analysis, parsed.final
+    return (
+        None if a is None else "".join(pieces[a[0] : a[1]]),
+        None if f is None else "".join(pieces[f[0] : f[1]]),
+    )
 
 
 # --------------------------------------------------------------------------- offsets

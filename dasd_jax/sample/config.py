@@ -59,6 +59,13 @@ class SampleConfig:
     top_k: int = 0  # 0 = off
     max_tokens: int = 32768  # generated tokens per candidate
     stop: tuple[str, ...] = ()  # stop strings (EOS ids come from the checkpoint)
+    # harmony: take a final message's <|end|> as its <|return|> and drop what follows (exact:
+    # the kept text and log-probs are what the teacher wrote); false rejects such samples
+    harmony_repair: bool = True
+    # the stage fails (its files all written) when more of the samples than this are refused
+    # (malformed harmony, text not in NFC): a teacher that mostly writes malformed output has
+    # the wrong prompt format or stop tokens. The refused samples are in the rejects files.
+    max_refused_fraction: float = 0.5
     backend: str = "engine"  # engine (our JAX engine) | openai (an external server)
     # engine sizes (docs/sample.md: KV cache memory = slots x cache length x per-token bytes)
     slots: int = 64  # concurrent decodes
@@ -68,14 +75,14 @@ class SampleConfig:
     cache_dtype: str = ""  # "" = teacher.dtype
     # output
     prompts_per_shard: int = 64  # prompts per output shard (the unit of a finished file)
-    on_bad_row: str = "error"  # error | skip (a bad prompt goes to rejects with its reason)
+    on_bad_row: str = ""  # "" = bad_rows.on_bad_row | error | skip (bad prompts to rejects)
     progress_every_s: float = 10.0
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
 
     def __post_init__(self) -> None:
         choices = {
             "prompt_format": PROMPT_FORMATS,
-            "on_bad_row": ("error", "skip"),
+            "on_bad_row": ("", "error", "skip"),
             "backend": ("engine", "openai"),
             "reasoning_effort": ("low", "medium", "high"),
         }
@@ -105,6 +112,10 @@ class SampleConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"sample.{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.max_refused_fraction) and 0 <= self.max_refused_fraction <= 1):
+            raise ValueError(
+                f"sample.max_refused_fraction must be in [0, 1], got {self.max_refused_fraction}"
+            )
         if self.top_k < 0:
             raise ValueError(f"sample.top_k must be >= 0 (0 = off), got {self.top_k}")
         p = self.max_prefill_length

@@ -45,9 +45,17 @@ from typing import Any
 from dasd_jax.config import Config
 from dasd_jax.progress import Progress
 from dasd_jax.sample.config import OpenAIConfig
-from dasd_jax.sample.shards import Job, run_shards
-from dasd_jax.sample.text import TokenText, cut_at, map_response, render_prompt, text_of_pieces
-from dasd_jax.schema import Candidate, TokenScores
+from dasd_jax.sample.shards import Job, Rejected, make_candidate, run_shards
+from dasd_jax.sample.text import (
+    Mapped,
+    TokenText,
+    cut_at,
+    ended_by,
+    map_response,
+    render_prompt,
+    text_of_pieces,
+)
+from dasd_jax.schema import Candidate
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +186,7 @@ class OpenAIBackend:
 
     def stream(
         self, jobs: Iterator[Job], progress: Progress | None = None
-    ) -> Iterator[tuple[Job, int, Candidate | str]]:
+    ) -> Iterator[tuple[Job, int, Candidate | Rejected | str]]:
         """Requests for every candidate of every job, at most `max_concurrency` in flight."""
         window = self.oc.max_concurrency
         tasks = ((job, i) for job in jobs for i in range(len(job.seeds)))
@@ -229,7 +237,7 @@ class OpenAIBackend:
         body.update(prompt=job.payload, logprobs=max(1, self.oc.top_logprobs))
         return "/completions", body
 
-    def _one(self, job: Job, i: int) -> Candidate | str:
+    def _one(self, job: Job, i: int) -> Candidate | Rejected | str:
         path, body = self._body(job, i)
         try:
             resp = self.client.request("POST", path, body)
@@ -239,7 +247,7 @@ class OpenAIBackend:
             raise
         return self.candidate(job, i, resp["choices"][0])
 
-    def candidate(self, job: Job, i: int, ch: dict) -> Candidate:
+    def candidate(self, job: Job, i: int, ch: dict) -> Candidate | Rejected:
         lp = ch.get("logprobs") or {}
         if self.oc.api == "chat":
             items = lp.get("content") or []
@@ -284,9 +292,20 @@ class OpenAIBackend:
             raw, offsets, n = cut_at(raw, offsets, len(server_text))
             ids, logprobs, tops = ids[:n], logprobs[:n], tops[:n]
         fmt = "harmony" if self.format == "harmony" else "chatml"
-        response, offsets, problem = (
-            map_response(raw, ids, offsets, tt, fmt) if tt else (raw, offsets, None)
-        )
+        finish = ch.get("finish_reason")
+        if tt is not None:
+            stop = ch.get("stop_reason", dasd.get("stop"))
+            mapped = map_response(
+                raw,
+                ids,
+                offsets,
+                tt,
+                fmt,
+                ended_by(finish or "", stop, tt),
+                self.sc.harmony_repair,
+            )
+        else:
+            mapped = Mapped(raw, offsets, len(ids))
         if sampling is not None and len(sampling) != len(ids):
             sampling = None
         meta: dict[str, Any] = {
@@ -299,25 +318,21 @@ class OpenAIBackend:
             "backend": "openai",
             "server_model": self.model,
         }
-        if problem:
-            meta["offsets_problem"] = problem
         if self.oc.top_logprobs and any(tops):
-            meta["top_logprobs"] = tops
-        return Candidate(
+            meta["top_logprobs"] = tops[: len(ids)]
+        return make_candidate(
+            mapped,
             prompt_id=job.prompt_id,
-            candidate=i,
+            index=i,
             prompt=job.prompt,
-            response=response,
-            temperature=float(job.temperature),
-            finish_reason=ch.get("finish_reason"),
-            teacher=TokenScores(
-                model=self.model,
-                tokenizer=self.oc.tokenizer or self.model,
-                token_ids=ids,
-                logprobs=logprobs,
-                offsets=offsets,
-                sampling_logprobs=sampling,
-            ),
+            temperature=job.temperature,
+            finish_reason=finish,
+            raw=raw,
+            ids=ids,
+            logprobs=logprobs,
+            sampling_logprobs=sampling,
+            model=self.model,
+            tokenizer=self.oc.tokenizer or self.model,
             meta=meta,
         )
 

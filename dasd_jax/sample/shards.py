@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,18 @@ import numpy as np
 from dasd_jax import storage
 from dasd_jax.config import Config
 from dasd_jax.progress import Progress
-from dasd_jax.records import BadRow, atomic_write, iter_jsonl, shard_name, write_json
+from dasd_jax.records import (
+    BadRow,
+    BadRowPolicy,
+    BadRows,
+    atomic_write,
+    iter_jsonl,
+    reason_key,
+    shard_name,
+    write_json,
+)
 from dasd_jax.sample.sampling import MAX_SEED
-from dasd_jax.schema import Candidate
+from dasd_jax.schema import Candidate, TokenScores
 
 
 def candidate_seed(seed: int, prompt_id: str, temperature: float, index: int) -> int:
@@ -51,6 +61,101 @@ def prompt_id_of(row: dict, id_field: str, prompt: str) -> str:
     from dasd_jax.ingest import prompt_hash  # the score stage groups id-less rows this way
 
     return prompt_hash(prompt)
+
+
+@dataclass
+class Rejected:
+    """A generated sample that is not a usable candidate (malformed harmony, text not in NFC):
+    written to its shard's rejects with the reason and the whole completion (text, token ids,
+    log-probs), so nothing sampled is lost, and counted in the stage's summary and report.
+    A later stage would refuse it, so the sample stage never writes it as a candidate."""
+
+    prompt_id: str
+    candidate: int
+    reason: str
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """The raw completion (e.g. to judge an evaluation answer all the same)."""
+        return self.detail["completion"]["text"]
+
+    @property
+    def finish_reason(self) -> str:
+        return self.detail["finish_reason"]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.detail["completion"]["token_ids"])
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_id": self.prompt_id,
+            "candidate": self.candidate,
+            "reason": self.reason,
+            **self.detail,
+        }
+
+
+def make_candidate(
+    mapped,
+    *,
+    prompt_id: str,
+    index: int,
+    prompt: str,
+    temperature: float,
+    finish_reason: str,
+    raw: str,
+    ids: list[int],
+    logprobs: list[float],
+    sampling_logprobs: list[float] | None,
+    model: str,
+    tokenizer: str,
+    meta: dict,
+) -> Candidate | Rejected:
+    """One generated sample as the stage writes it: a `Candidate` over the tokens the mapped
+    response covers (`text.Mapped`: fewer than generated after an exact repair, whose sample
+    then ended at the final message: finish `stop`), or a `Rejected` with the reason."""
+    if mapped.harmony is not None:
+        meta = {**meta, "harmony": mapped.harmony}
+    if mapped.reason is not None:
+        completion = {"text": raw, "token_ids": list(ids), "logprobs": list(logprobs)}
+        if sampling_logprobs is not None:
+            completion["sampling_logprobs"] = list(sampling_logprobs)
+        return Rejected(
+            prompt_id,
+            index,
+            mapped.reason,
+            {
+                "temperature": float(temperature),
+                "finish_reason": finish_reason,
+                "detail": mapped.detail,
+                "at_char": mapped.at_char,
+                "meta": meta,
+                "completion": completion,
+            },
+        )
+    keep = mapped.keep
+    if keep < len(ids):
+        meta["harmony"] = {**meta["harmony"], "finish_reason": finish_reason}
+        finish_reason = "stop"
+    return Candidate(
+        prompt_id=prompt_id,
+        candidate=index,
+        prompt=prompt,
+        response=mapped.response,
+        temperature=float(temperature),
+        finish_reason=finish_reason,
+        teacher=TokenScores(
+            model=model,
+            tokenizer=tokenizer,
+            token_ids=list(ids[:keep]),
+            logprobs=list(logprobs[:keep]),
+            offsets=mapped.offsets,
+            sampling_logprobs=None if sampling_logprobs is None else list(sampling_logprobs[:keep]),
+        ),
+        meta=meta,
+    )
 
 
 @dataclass
@@ -113,11 +218,17 @@ def _read_journal(path: Path) -> dict[int, dict]:
 
 
 def _append_journal(
-    path: Path, line: int, cands: list[Candidate], reject: dict | None = None
+    path: Path,
+    line: int,
+    cands: list[Candidate],
+    reject: dict | None = None,
+    rejected: list[Rejected] = (),
 ) -> None:
-    rec = {"line": line, "candidates": [c.to_dict() for c in cands]}
+    rec: dict[str, Any] = {"line": line, "candidates": [c.to_dict() for c in cands]}
     if reject is not None:  # the backend refused the prompt (e.g. the server said 400)
         rec["reject"] = reject
+    if rejected:  # samples that are not usable candidates (e.g. malformed harmony)
+        rec["rejected"] = [{"line": line, **r.to_dict()} for r in rejected]
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         f.flush()
@@ -131,21 +242,32 @@ def _finalize(shard: _Shard) -> dict:
     done = {line: e["candidates"] for line, e in journal.items() if "reject" not in e}
     cands = [Candidate.from_dict(c) for line in sorted(done) for c in done[line]]
     cands.sort(key=lambda c: (c.meta["line"], c.candidate))
+    rejected = [r for line in sorted(done) for r in journal[line].get("rejected", [])]
     with atomic_write(storage.join(shard.folder, f"rejects.{shard_name(shard.index)}")) as f:
-        for r in sorted(rejects, key=lambda r: r["line"]):
+        # prompts not sampled ({line, id, reason}), then samples not kept ({line, prompt_id,
+        # candidate, reason, finish_reason, meta, completion}), in input order
+        rows = sorted(rejects, key=lambda r: r["line"]) + sorted(
+            rejected, key=lambda r: (r["line"], r["candidate"])
+        )
+        for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    finish: dict[str, int] = {}
-    for c in cands:
-        finish[c.finish_reason] = finish.get(c.finish_reason, 0) + 1
+    finish = Counter(c.finish_reason for c in cands)
     stats = {
         "shard": shard.index,
         "temperature": shard.temperature,
         "prompts_in": len(done) + len(rejects),
         "prompts_out": len(done),
         "rejects": len(rejects),
+        "prompt_reject_reasons": dict(Counter(reason_key(r["reason"]) for r in rejects)),
+        "samples": len(cands) + len(rejected),
         "candidates": len(cands),
+        "candidates_rejected": len(rejected),
+        "candidate_reject_reasons": dict(Counter(r["reason"] for r in rejected)),
+        "harmony_repairs": dict(
+            Counter(c.meta["harmony"]["repair"] for c in cands if _repair(c) is not None)
+        ),
         "tokens": sum(len(c.teacher.token_ids) for c in cands),
-        "finish_reasons": finish,
+        "finish_reasons": dict(finish),
         "resumed_prompts": shard.resumed,
     }
     stats_name = shard_name(shard.index).replace(".jsonl", ".stats.json")
@@ -155,6 +277,10 @@ def _finalize(shard: _Shard) -> dict:
             f.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
     shard.journal.unlink(missing_ok=True)
     return stats
+
+
+def _repair(c: Candidate) -> str | None:
+    return (c.meta.get("harmony") or {}).get("repair")
 
 
 def _prompt_shards(path: str | Path, size: int) -> Iterator[tuple[int, list, list]]:
@@ -205,6 +331,14 @@ def run_shards(cfg: Config, backend, data_path: str | Path, teacher_name: str) -
     finished: list[dict] = []
     skipped = [0]
     open_shards: dict[tuple[float, int], _Shard] = {}
+    policy = cfg.bad_rows.for_stage(sc.on_bad_row)
+    # a bad prompt line is rejected once per temperature
+    bad_rows = BadRows(
+        "sample",
+        policy,
+        storage.join(out_root, "t*", "rejects.part-*.jsonl"),
+        total=n_lines * len(sc.temperatures),
+    )
 
     def jobs() -> Iterator[Job]:
         for T in sc.temperatures:
@@ -246,9 +380,8 @@ def run_shards(cfg: Config, backend, data_path: str | Path, teacher_name: str) -
                             "answer": row.get(sc.answer_field) if sc.answer_field else None,
                         }
                         todo.append((line, payload))
-                if shard.rejects and sc.on_bad_row == "error":  # the first bad line, in order
-                    first = min(shard.rejects, key=lambda r: r["line"])
-                    raise BadRow(data_path, first["line"], first["reason"])
+                for r in sorted(shard.rejects, key=lambda r: r["line"]):  # in input order
+                    bad_rows.add(BadRow(data_path, r["line"], r["reason"]))
                 shard.remaining = len(todo)
                 if not todo:
                     finished.append(_finalize(shard))
@@ -271,15 +404,22 @@ def run_shards(cfg: Config, backend, data_path: str | Path, teacher_name: str) -
         if len(results) < sc.n:
             continue
         reasons = [r for r in results.values() if isinstance(r, str)]
-        if reasons:
+        if reasons:  # the backend refused the prompt (a server's 4xx)
             _append_journal(
                 shard.journal,
                 line,
                 [],
                 {"line": line, "id": row["prompt_id"], "reason": reasons[0]},
             )
+            bad_rows.add(BadRow(data_path, line, reasons[0]))
         else:
-            _append_journal(shard.journal, line, [results[i] for i in range(sc.n)])
+            got_all = [results[i] for i in range(sc.n)]
+            _append_journal(
+                shard.journal,
+                line,
+                [r for r in got_all if isinstance(r, Candidate)],
+                rejected=[r for r in got_all if isinstance(r, Rejected)],
+            )
         del shard.pending[line]
         shard.remaining -= 1
         if shard.remaining == 0:
@@ -294,6 +434,7 @@ def run_shards(cfg: Config, backend, data_path: str | Path, teacher_name: str) -
 
         multihost_utils.sync_global_devices("dasd_jax sample done")
     summary = summarize(out_root)
+    bad_rows.check(summary["prompts_in"], summary["rejects"], summary["prompt_reject_reasons"])
     seconds = time.perf_counter() - t0
     summary.update(
         seconds=round(seconds, 2),
@@ -307,8 +448,21 @@ def run_shards(cfg: Config, backend, data_path: str | Path, teacher_name: str) -
     if occupancy is not None:
         summary["slot_occupancy"] = occupancy
     if proc == 0:
+        from dasd_jax.sample.report import write_report
+
+        summary["report"] = write_report(out_root, summary)
         write_json(storage.join(out_root, "summary.json"), summary)
         print_table(out_root)
+    refused = BadRows(
+        "sample",
+        BadRowPolicy("skip", sc.max_refused_fraction),
+        f"{storage.join(out_root, 't*', 'rejects.part-*.jsonl')} and {summary.get('report')}",
+        what="samples are refused",
+        key="sample.max_refused_fraction",
+    )
+    refused.check(
+        summary["samples"], summary["candidates_rejected"], summary["candidate_reject_reasons"]
+    )
     return summary
 
 
@@ -318,31 +472,52 @@ def _finished(out_root: str | Path, pattern: str) -> list[str]:
     return sorted(found, key=lambda f: (os.path.basename(os.path.dirname(f)), f))
 
 
+_SUMS = ("prompts_in", "prompts_out", "rejects", "samples", "candidates", "candidates_rejected")
+_TALLIES = (
+    "finish_reasons",
+    "prompt_reject_reasons",
+    "candidate_reject_reasons",
+    "harmony_repairs",
+)
+
+
 def summarize(out_root: str | Path) -> dict:
-    """Totals over every finished shard of every temperature."""
-    totals: dict[str, Any] = {
-        "shards": 0,
-        "prompts_in": 0,
-        "prompts_out": 0,
-        "rejects": 0,
-        "candidates": 0,
-        "tokens": 0,
-        "finish_reasons": {},
-    }
-    per_t: dict[str, int] = {}
+    """Totals over every finished shard of every temperature, also per temperature; `counts`:
+    prompts in = out + rejected, and samples generated = candidates written + rejected."""
+    totals: dict[str, Any] = {"shards": 0, **{k: 0 for k in (*_SUMS, "tokens")}}
+    totals.update({k: Counter() for k in _TALLIES})
+    per_t: dict[str, dict[str, Any]] = {}
     parts = set(_finished(out_root, "part-*.jsonl"))
     for f in _finished(out_root, "part-*.stats.json"):
         if f.replace(".stats.json", ".jsonl") not in parts:
             continue
         s = json.loads(storage.read_text(f))
-        totals["shards"] += 1
-        for k in ("prompts_in", "prompts_out", "rejects", "candidates", "tokens"):
-            totals[k] += s[k]
-        for k, v in s["finish_reasons"].items():
-            totals["finish_reasons"][k] = totals["finish_reasons"].get(k, 0) + v
+        if "samples" not in s:  # a shard written before candidates could be rejected
+            s = {**s, "samples": s["candidates"], "candidates_rejected": 0}
         t = os.path.basename(os.path.dirname(f))
-        per_t[t] = per_t.get(t, 0) + s["candidates"]
-    totals["candidates_per_temperature"] = per_t
+        mine = per_t.setdefault(t, {k: 0 for k in _SUMS} | {"candidate_reject_reasons": Counter()})
+        totals["shards"] += 1
+        totals["tokens"] += s["tokens"]
+        for k in _SUMS:
+            totals[k] += s[k]
+            mine[k] += s[k]
+        for k in _TALLIES:
+            totals[k].update(s.get(k, {}))
+        mine["candidate_reject_reasons"].update(s.get("candidate_reject_reasons", {}))
+    for k in _TALLIES:
+        totals[k] = dict(totals[k].most_common())
+    for mine in per_t.values():
+        mine["candidate_reject_reasons"] = dict(mine["candidate_reject_reasons"].most_common())
+    totals["candidates_per_temperature"] = {t: v["candidates"] for t, v in sorted(per_t.items())}
+    totals["per_temperature"] = dict(sorted(per_t.items()))
+    totals["counts"] = {
+        "in": totals["prompts_in"],
+        "out": totals["prompts_out"],
+        "rejected": totals["rejects"],
+        "samples": totals["samples"],
+        "candidates": totals["candidates"],
+        "candidates_rejected": totals["candidates_rejected"],
+    }
     return totals
 
 

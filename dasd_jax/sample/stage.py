@@ -41,9 +41,23 @@ from dasd_jax.config import Config
 from dasd_jax.progress import Progress
 from dasd_jax.sample.driver import Completion, Driver, Request
 from dasd_jax.sample.sampling import SamplingParams
-from dasd_jax.sample.shards import Job, candidate_seed, prompt_id_of, run_shards
-from dasd_jax.sample.text import TokenText, map_response, prompt_format_for, render_prompt
-from dasd_jax.schema import Candidate, TokenScores
+from dasd_jax.sample.shards import (
+    Job,
+    Rejected,
+    candidate_seed,
+    make_candidate,
+    prompt_id_of,
+    run_shards,
+)
+from dasd_jax.sample.text import (
+    Mapped,
+    TokenText,
+    ended_by,
+    map_response,
+    prompt_format_for,
+    render_prompt,
+)
+from dasd_jax.schema import Candidate
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +187,20 @@ class TeacherSampler:
         prompt: str,
         temperature: float,
         extra_meta: dict | None = None,
-    ) -> Candidate:
-        raw = c.text or ""
-        response, offsets, problem = map_response(
-            raw, c.token_ids, c.offsets, self.token_text, self.format
-        )
+        mapped: Mapped | None = None,
+        raw: str | None = None,
+    ) -> Candidate | Rejected:
+        """The stage's record of one completion: a Candidate, or a Rejected with the reason
+        (malformed harmony, text not in NFC), which a later stage would refuse. `mapped` /
+        `raw`: the completion's mapping and raw text when the caller made them (a
+        continuation maps prefix + continuation as one text)."""
+        raw = (c.text or "") if raw is None else raw
+        if mapped is None:
+            tt = self.token_text
+            ended = ended_by(c.finish_reason, c.stop, tt)
+            mapped = map_response(
+                raw, c.token_ids, c.offsets, tt, self.format, ended, self.sc.harmony_repair
+            )
         meta = {
             "seed": c.meta.get("seeds", {}).get(c.index),
             "n_prompt_tokens": c.n_prompt_tokens,
@@ -188,23 +211,19 @@ class TeacherSampler:
             "top_k": self.sc.top_k,
             **(extra_meta or {}),
         }
-        if problem:
-            meta["offsets_problem"] = problem
-        return Candidate(
+        return make_candidate(
+            mapped,
             prompt_id=prompt_id,
-            candidate=c.index,
+            index=c.index,
             prompt=prompt,
-            response=response,
-            temperature=float(temperature),
+            temperature=temperature,
             finish_reason=c.finish_reason,
-            teacher=TokenScores(
-                model=self.model_name,
-                tokenizer=self.model_name,
-                token_ids=list(c.token_ids),
-                logprobs=list(c.logprobs),
-                offsets=offsets,
-                sampling_logprobs=list(c.sampling_logprobs),
-            ),
+            raw=raw,
+            ids=c.token_ids,
+            logprobs=c.logprobs,
+            sampling_logprobs=c.sampling_logprobs,
+            model=self.model_name,
+            tokenizer=self.model_name,
             meta=meta,
         )
 
@@ -219,8 +238,9 @@ class TeacherSampler:
 
     def stream(
         self, jobs: Iterator[Job], progress: Progress | None = None
-    ) -> Iterator[tuple[Job, int, Candidate | str]]:
-        """(job, sample index, Candidate) as samples finish, through one continuous batch."""
+    ) -> Iterator[tuple[Job, int, Candidate | Rejected | str]]:
+        """(job, sample index, Candidate or Rejected) as samples finish, through one
+        continuous batch."""
         live: dict[Any, list] = {}
 
         def requests() -> Iterator[Request]:
@@ -262,8 +282,9 @@ class TeacherSampler:
         temperature: float,
         n: int = 1,
         prompt_ids: Sequence[str] | None = None,
-    ) -> list[list[Candidate]]:
-        """n candidates for each prompt (seeds from `candidate_seed`), in prompt order."""
+    ) -> list[list[Candidate | Rejected]]:
+        """n samples for each prompt (seeds from `candidate_seed`), in prompt order: each a
+        Candidate, or a Rejected with its reason (malformed harmony, text not in NFC)."""
         ids = list(prompt_ids) if prompt_ids is not None else [None] * len(prompts)
         reqs = []
         for k, (p, pid) in enumerate(zip(prompts, ids, strict=True)):
@@ -281,7 +302,7 @@ class TeacherSampler:
                     meta={"seeds": dict(enumerate(seeds))},
                 )
             )
-        out: list[list[Candidate]] = [[] for _ in prompts]
+        out: list[list[Candidate | Rejected]] = [[] for _ in prompts]
         for c in Driver(self.engine, self.token_text).run(reqs):
             k, pid, p = c.request_id
             out[k].append(self.candidate(c, pid, p, temperature))
@@ -299,9 +320,9 @@ class TeacherSampler:
         seed: int | None = None,
         max_tokens: int | None = None,
         prompt_id: str | None = None,
-    ) -> list[Candidate]:
+    ) -> list[Candidate | Rejected]:
         """The teacher continues a (student's) partial response: `continue` of the
-        mixed-policy stage (paper step 7).
+        mixed-policy stage (paper step 7); a malformed continuation is a `Rejected`.
 
         `prefix` is text in the data's `<think>...` form (re-tokenised by the teacher; for a
         harmony teacher mapped to its channels) or teacher token ids. Each Candidate's
@@ -333,50 +354,28 @@ class TeacherSampler:
             meta={"seeds": dict(enumerate(seeds))},
         )
         self.engine.validate_prompt(len(req.tokens))
-        out = []
-        for c in sorted(Driver(self.engine, self.token_text).run([req]), key=lambda c: c.index):
-            shift = len(prefix_text)
-            raw = prefix_text + (c.text or "")
-            all_ids = prefix_ids + c.token_ids
-            all_offsets = prefix_offsets + [(s + shift, e + shift) for s, e in c.offsets or []]
-            response, offsets, problem = map_response(
-                raw, all_ids, all_offsets, self.token_text, self.format
-            )
-            cut = len(
-                map_response(prefix_text, prefix_ids, prefix_offsets, self.token_text, self.format)[
-                    0
-                ]
-            )
-            cont = Completion(
-                c.request_id,
-                c.index,
-                c.token_ids,
-                c.logprobs,
-                c.sampling_logprobs,
-                c.finish_reason,
-                c.stop,
-                c.eos_logprob,
+        fmt, tt = self.format, self.token_text
+        cut = len(map_response(prefix_text, prefix_ids, prefix_offsets, tt, fmt, "").response)
+        out: list[Candidate | Rejected] = []
+        for c in sorted(Driver(self.engine, tt).run([req]), key=lambda c: c.index):
+            shift, raw = len(prefix_text), prefix_text + (c.text or "")
+            whole = map_response(
                 raw,
-                None,
-                c.n_prompt_tokens,
-                c.meta,
+                prefix_ids + c.token_ids,
+                prefix_offsets + [(s + shift, e + shift) for s, e in c.offsets or []],
+                tt,
+                fmt,
+                ended_by(c.finish_reason, c.stop, tt),
+                self.sc.harmony_repair,
             )
-            cand = self.candidate(
-                cont,
-                pid,
-                prompt,
-                temperature,
-                {
-                    "student_prefix_chars": cut,
-                    "prefix_tokens": len(prefix_ids),
-                    "continuation": True,
-                },
+            n = len(prefix_ids)  # the teacher's part: its tokens and their spans in the whole
+            mapped = dataclasses.replace(
+                whole,
+                offsets=None if whole.offsets is None else whole.offsets[n:],
+                keep=max(whole.keep - n, 0),
             )
-            cand.response = response
-            cand.teacher.offsets = None if offsets is None else offsets[len(prefix_ids) :]
-            if problem:
-                cand.meta["offsets_problem"] = problem
-            out.append(cand)
+            extra = {"student_prefix_chars": cut, "prefix_tokens": n, "continuation": True}
+            out.append(self.candidate(c, pid, prompt, temperature, extra, mapped, raw))
         return out
 
 

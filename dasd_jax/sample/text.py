@@ -5,25 +5,27 @@ Consumes a tokenizer (a checkpoint's own) and produces:
   the teacher's chat format: `chatml` (Qwen3; `tokenizer.render_chat`) or `harmony`
   (gpt-oss: `models.harmony.render_prompt`, the renderer the score stage also uses);
 - `TokenText`: the UTF-8 bytes of any token id (cached), and `TextBuilder`, which turns a
-  stream of sampled ids into text plus a [start, end) character span per token that tiles the
-  text. Sampled ids need not be the tokenizer's canonical encoding of their text, so spans are
-  derived from the ids' own bytes, never by re-encoding: the rule of
-  `tokenizer.encode_with_offsets` (a character belongs to the token holding its last byte);
+  stream of sampled ids into text plus a [start, end) character span per token that covers
+  the text. Sampled ids need not be the tokenizer's canonical encoding of their text, so spans
+  are derived from the ids' own bytes, never by re-encoding: the byte rule of
+  `tokenizer.text_of_pieces` (re-exported here; a token's span covers every character any of
+  its bytes belongs to, so a character split across tokens lies in each of their spans);
   bytes that are not valid UTF-8 become U+FFFD (as `bytes.decode(errors="replace")`); ids
   the tokenizer does not know (a model's vocabulary is often padded past it) are empty;
 - `map_response(raw, ids, offsets, ...)`: the raw text in the `<think>...</think>answer` form
-  the later stages read (gpt-oss harmony channels mapped by `select.filters.harmony_to_think`;
-  ChatML unchanged), with token spans in it (for harmony by the ingest stage's own rule).
+  the later stages read (ChatML unchanged; gpt-oss harmony classified by the one parser of
+  generated harmony, `models.harmony.parse_generated`, and refused with its reason when
+  malformed), with a span per kept token.
 """
 
 from __future__ import annotations
 
 import codecs
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from dasd_jax.select.filters import harmony_to_think
-from dasd_jax.tokenizer import render_chat, token_bytes
+from dasd_jax.tokenizer import nfc_problem, render_chat, text_of_pieces, token_bytes
 
 
 def prompt_format_for(model_type: str, fmt: str) -> str:
@@ -82,40 +84,26 @@ class TokenText:
         return self._by_bytes.get(piece)
 
 
-def text_of_pieces(pieces: Sequence[bytes]) -> tuple[str, list[tuple[int, int]]]:
-    """Text of byte pieces and a span per piece (the `TextBuilder` rule)."""
-    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    parts = [dec.decode(p, final=False) for p in pieces]
-    tail = dec.decode(b"", final=True)
-    if tail:  # a trailing incomplete character: the token holding its last byte
-        parts[max(k for k, p in enumerate(pieces) if p)] += tail
-    offsets, pos = [], 0
-    for p in parts:
-        offsets.append((pos, pos + len(p)))
-        pos += len(p)
-    return "".join(parts), offsets
-
-
 @dataclass
 class TextBuilder:
-    """Incremental text of a token stream: `add(id)` appends, `text` grows as characters
-    complete; `finish()` flushes a trailing incomplete character (as U+FFFD)."""
+    """Incremental text of a token stream: `add(id)` appends a token and returns the
+    characters it completes (`text` grows as characters complete); `finish()` gives the whole
+    text, a trailing incomplete character flushed as U+FFFD, with each token's span by the
+    byte rule of `tokenizer.text_of_pieces` (the same text and spans as `text_of_pieces` of
+    the tokens' bytes)."""
 
     source: TokenText
-    pieces: list[str] = field(default_factory=list)
     length: int = 0
+    _bytes: list[bytes] = field(default_factory=list)
     _decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
     _parts: list[str] = field(default_factory=list)
-    _last: int = 0  # the last token with bytes
 
     def add(self, token_id: int) -> str:
         b = self.source.bytes_of(token_id)
-        if b:
-            self._last = len(self.pieces)
+        self._bytes.append(b)
         piece = self._decoder.decode(b, final=False)
-        self.pieces.append(piece)
         self._parts.append(piece)
         self.length += len(piece)
         return piece
@@ -127,16 +115,9 @@ class TextBuilder:
         return self._parts[0] if self._parts else ""
 
     def finish(self) -> tuple[str, list[tuple[int, int]]]:
-        tail = self._decoder.decode(b"", final=True)
-        if tail:  # a trailing incomplete character: the token holding its last byte
-            self.pieces[self._last] += tail
-            self._parts.append(tail)
-            self.length += len(tail)
-        offsets, pos = [], 0
-        for p in self.pieces:
-            offsets.append((pos, pos + len(p)))
-            pos += len(p)
-        return self.text, offsets
+        text, offsets = text_of_pieces(self._bytes)
+        self._parts[:], self.length = [text], len(text)
+        return text, offsets
 
 
 def cut_at(
@@ -152,29 +133,101 @@ def cut_at(
 # --------------------------------------------------------------------------- <think> form
 
 
+@dataclass(frozen=True)
+class Mapped:
+    """A generated completion in the later stages' form (`map_response`).
+
+    `response`: `<think>...</think>answer` text (for a refused completion: the raw text);
+    `offsets`: a span in `response` per kept token; `keep`: the tokens it covers (fewer than
+    generated when an exact repair dropped a tail); `reason`: why it is refused
+    (`models.harmony.MALFORMED`), None when usable; `harmony`: how its harmony was read
+    (`GeneratedHarmony.meta()`, for the candidate's `meta.harmony`).
+    """
+
+    response: str
+    offsets: list[tuple[int, int]] | None
+    keep: int
+    reason: str | None = None
+    harmony: dict | None = None
+    detail: str | None = None  # a refused one: what is wrong, and where (a character of raw)
+    at_char: int | None = None
+
+
+def ended_by(finish_reason: str, stop: int | str | None, token_text: TokenText) -> str | None:
+    """The `ended_by` of `models.harmony.parse_generated` for an engine completion: the EOS
+    token's text (the driver drops it from the ids), "" when cut (max tokens, a stop string)."""
+    if finish_reason == "length" or isinstance(stop, str):
+        return ""
+    if isinstance(stop, int) and token_text.is_special(stop):
+        return token_text.bytes_of(stop).decode("utf-8", errors="replace")
+    return None
+
+
 def map_response(
     raw: str,
     ids: Sequence[int],
     offsets: list[tuple[int, int]] | None,
     token_text: TokenText,
     fmt: str,
-) -> tuple[str, list[tuple[int, int]] | None, str | None]:
-    """(response, token spans in it, problem) for raw generated text.
-
-    ChatML text is already in `<think>...</think>answer` form (Qwen3 writes the tags as
-    tokens): unchanged. Harmony text becomes `harmony_to_think(raw)`, and token spans follow
-    the ingest rule (`ingest.align_teacher_tokens`): content tokens keep their characters,
-    channel-marker tokens get empty spans, `<think>`/`</think>` belong to no token. Spans that
-    cannot be aligned (text between messages that the mapping drops) are None, with the reason.
-    """
+    ended: str | None = None,
+    repair: bool = True,
+) -> Mapped:
+    """The later stages' form of raw generated text and its token ids: ChatML text is already
+    in `<think>...</think>answer` form (Qwen3 writes the tags as tokens) and stays as it is;
+    harmony goes through `map_harmony`. A response not in Unicode NFC form is refused
+    (`not_nfc`: `tokenizer.nfc_problem`), as the score stage would refuse it."""
     if fmt != "harmony":
-        return raw, offsets, None
-    from dasd_jax.ingest import align_teacher_tokens, harmony_markers
+        mapped = Mapped(raw, offsets, len(ids))
+    else:
+        pieces = [token_text.bytes_of(i) for i in ids]
+        mapped = map_harmony(pieces, [token_text.is_special(i) for i in ids], ended, repair)
+        if mapped.reason is not None:
+            return dataclasses.replace(mapped, response=raw)
+    problem = nfc_problem(mapped.response)
+    if problem is not None:
+        at = int(problem.split("character ", 1)[1].split(" ", 1)[0])  # as nfc_problem names it
+        return Mapped(raw, None, len(ids), "not_nfc", mapped.harmony, problem, at)
+    return mapped
 
-    response = harmony_to_think(raw)
-    pieces = [token_text.bytes_of(i) for i in ids]
-    markers = harmony_markers(pieces, [token_text.is_special(i) for i in ids])
-    try:
-        return response, align_teacher_tokens(pieces, markers, response), None
-    except ValueError as e:
-        return response, None, str(e)
+
+def map_harmony(
+    pieces: Sequence[bytes],
+    special: Sequence[bool],
+    ended: str | None = None,
+    repair: bool = True,
+) -> Mapped:
+    """Generated harmony tokens (their bytes, which are special) -> `Mapped`.
+
+    Classified by `models.harmony.parse_generated` (the one parser; `ended`: its `ended_by`,
+    `repair`: the exact repair of a final message's `<|end|>`): a well-formed completion
+    becomes `think_text(analysis, final)`, each content token keeping its characters
+    (`text_of_pieces` per message), every other token (channel markers, header words) an empty
+    span at the end of the content before it; a malformed one is refused with its reason (its
+    `response` is then the pieces' text).
+    """
+    from dasd_jax.models import harmony
+
+    parsed = harmony.parse_generated(pieces, special, ended, repair)
+    if not parsed.ok:
+        text, spans = text_of_pieces(pieces)
+        at = spans[parsed.at][0] if parsed.at is not None and parsed.at < len(spans) else len(text)
+        return Mapped(text, None, len(pieces), parsed.reason, parsed.meta(), parsed.detail, at)
+    segments = {
+        ch: (r[0], *text_of_pieces(pieces[r[0] : r[1]]))
+        for ch, r in (("analysis", parsed.analysis), ("final", parsed.final))
+        if r is not None
+    }
+    analysis, final = harmony.think_parts(parsed, {ch: s[1] for ch, s in segments.items()})
+    where = dict(zip(("analysis", "final"), harmony.think_spans(analysis, final), strict=True))
+    spans: list[tuple[int, int] | None] = [None] * parsed.keep
+    for ch, (first, _, seg) in segments.items():
+        base = where[ch][0]
+        for j, (s, e) in enumerate(seg):
+            spans[first + j] = (base + s, base + e)
+    cursor = 0
+    for k, span in enumerate(spans):  # markers: empty, at the end of the content before them
+        if span is None:
+            spans[k] = (cursor, cursor)
+        else:
+            cursor = span[1]
+    return Mapped(harmony.think_text(analysis, final), spans, parsed.keep, None, parsed.meta())

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from dasd_jax.models.harmony import harmony_to_think  # noqa: F401 (the one harmony parser)
 from dasd_jax.select.sentences import THINK_CLOSE, THINK_OPEN
 
 DEFAULT_TOOL_MARKERS = (
@@ -110,47 +111,9 @@ class FilterInput:
 
 
 # ------------------------------------------------------------------- harmony <-> <think>
+# `harmony_to_think` (re-exported): the one parser of generated harmony, models/harmony.py
 
-_HARMONY_MSG_RE = re.compile(
-    r"(?:<\|start\|>(?P<role>[^<]*))?"
-    r"<\|channel\|>(?P<channel>\w+)(?P<header>[^<]*)(?:<\|constrain\|>[^<]*)?<\|message\|>"
-    r"(?P<content>.*?)(?P<stop><\|end\|>|<\|return\|>|<\|call\|>|(?=<\|start\|>)|\Z)",
-    re.DOTALL,
-)
 _THINK_RE = re.compile(r"<think>\n?(?P<think>.*?)(?:\n?</think>(?:\n\n)?(?P<answer>.*))?\Z", re.S)
-
-
-def harmony_to_think(text: str) -> str:
-    """Map gpt-oss harmony output to ``<think>\\n{analysis}\\n</think>\\n\\n{final}``.
-
-    ``<|channel|>analysis<|message|>R<|end|><|start|>assistant<|channel|>final<|message|>A``
-    (optionally starting with ``<|start|>assistant``, ending with ``<|return|>``) becomes
-    ``<think>\\nR\\n</think>\\n\\nA``, the layout of Qwen3's chat template. Several analysis
-    messages (and commentary without a recipient) are joined with a blank line. A message to a
-    recipient (``to=...``) or ending in ``<|call|>`` becomes ``<tool_call>...</tool_call>`` in
-    the thinking, so that the structure filter rejects it. Thinking cut off before its
-    ``<|end|>`` (a truncated sample) gives no ``</think>``. Text without harmony messages is
-    returned unchanged. ``think_to_harmony`` inverts it for one analysis + one final message.
-    """
-    messages = list(_HARMONY_MSG_RE.finditer(text))
-    if not messages:
-        return text
-    think: list[str] = []
-    answer: list[str] = []
-    closed = True
-    for m in messages:
-        header = (m.group("role") or "") + m.group("header")
-        if "to=" in header or m.group("stop") == "<|call|>":
-            think.append(f"<tool_call>{m.group('content')}</tool_call>")
-        elif m.group("channel") == "final":
-            answer.append(m.group("content"))
-        else:
-            think.append(m.group("content"))
-        closed = m.group("stop") != "" or bool(answer)
-    out = THINK_OPEN + "\n" + "\n\n".join(think)
-    if closed:
-        out += "\n" + THINK_CLOSE + "\n\n" + "\n\n".join(answer)
-    return out
 
 
 def think_to_harmony(text: str) -> str:
