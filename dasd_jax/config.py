@@ -21,6 +21,7 @@ from dasd_jax.evaluate.config import EvaluateConfig
 from dasd_jax.export import ExportConfig
 from dasd_jax.mixed_policy.config import MixedPolicyConfig
 from dasd_jax.models.qwen3 import ModelOptions
+from dasd_jax.records import BadRowPolicy
 from dasd_jax.sample.config import SampleConfig
 from dasd_jax.select.das import SelectConfig
 from dasd_jax.select.filters import FilterConfig
@@ -61,7 +62,7 @@ class ScoreConfig:
     bucket_multiple: int = 128  # padded lengths are multiples of this (fewer compiles)
     chunk_size: int = 1024  # fp32 logit rows (rows per device x positions) per log-prob chunk
     rows_per_shard: int = 256  # output is written in atomic shards of this many rows
-    on_bad_row: str = "error"  # error | skip (skipped rows go to rejects.jsonl)
+    on_bad_row: str = ""  # "" = bad_rows.on_bad_row | error | skip (to rejects.*.jsonl)
     # --- inputs (docs/score.md): released SFT rows, Candidate JSONL or OpenAI server dumps
     input_format: str = "auto"  # auto | sft | candidates | openai
     domain_field: str = "domain"
@@ -77,7 +78,7 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "on_bad_row": ("error", "skip"),
+            "on_bad_row": ("", "error", "skip"),
             "input_format": ("auto", "sft", "candidates", "openai"),
             "teacher_scoring": ("missing", "always", "never"),
             "teacher_template": ("auto", "chatml", "harmony"),
@@ -110,14 +111,14 @@ class SelectStageConfig:
     # all | low_t (T < high_t_from) | high_t: the candidates considered; the others are
     # counted as other_temperature (the pipeline runs select once per class)
     temperatures: str = "all"
-    on_bad_row: str = "error"  # error | skip (a bad scored line goes to rejects)
+    on_bad_row: str = ""  # "" = bad_rows.on_bad_row | error | skip (to rejects.jsonl)
     report: bool = True  # report.md + PNG plots (matplotlib) besides summary.json
     scatter_points: int = 20000  # sentences kept (seeded reservoir) for the p_T vs p_S plot
 
     def __post_init__(self) -> None:
-        if self.on_bad_row not in ("error", "skip"):
+        if self.on_bad_row not in ("", "error", "skip"):
             raise ValueError(
-                f"select_stage.on_bad_row must be error or skip, got {self.on_bad_row!r}"
+                f"select_stage.on_bad_row must be '', error or skip, got {self.on_bad_row!r}"
             )
         if self.temperatures not in ("all", "low_t", "high_t"):
             raise ValueError(
@@ -131,6 +132,7 @@ class SelectStageConfig:
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
+    bad_rows: BadRowPolicy = field(default_factory=BadRowPolicy)  # every stage's bad rows
     mesh: MeshConfig = field(default_factory=MeshConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)  # scores when log-probs missing
@@ -247,7 +249,11 @@ def parse_override(item: str) -> dict[str, Any]:
     key, raw = item.split("=", 1)
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {item!r}: empty key")
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"override {key}: {raw!r} is not a YAML value ({reason})") from None
     out: dict[str, Any] = {}
     node = out
     parts = key.split(".")

@@ -85,24 +85,33 @@ class Step:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("sample", "sample", ("seed", "teacher", "sample")),
-    Step("score", "score", ("student", "teacher", "score"), ("score.input={run_dir}/sample",)),
+    Step("sample", "sample", ("seed", "teacher", "sample", "bad_rows")),
+    Step(
+        "score",
+        "score",
+        ("student", "teacher", "score", "bad_rows"),
+        ("score.input={run_dir}/sample",),
+    ),
     Step(
         "select",
         "select",
-        ("select", "filters", "select_stage"),
+        ("select", "filters", "select_stage", "bad_rows"),
         ("select_stage.temperatures=low_t", "select_stage.output={run_dir}/select"),
     ),
     Step(
         "select_high_t",
         "select",
-        ("select", "filters", "select_stage"),
+        ("select", "filters", "select_stage", "bad_rows"),
         ("select_stage.temperatures=high_t", "select_stage.output={run_dir}/select_high_t"),
     ),
-    Step("1", "1", ("seed", "student", "train", "stage1")),
-    Step("2", "2", ("seed", "train", "stage2")),
-    Step("mixed_policy", "mixed_policy", ("seed", "teacher", "sample", "filters", "mixed_policy")),
-    Step("3", "3", ("seed", "train", "stage3")),
+    Step("1", "1", ("seed", "student", "train", "stage1", "bad_rows")),
+    Step("2", "2", ("seed", "train", "stage2", "bad_rows")),
+    Step(
+        "mixed_policy",
+        "mixed_policy",
+        ("seed", "teacher", "sample", "filters", "mixed_policy", "bad_rows"),
+    ),
+    Step("3", "3", ("seed", "train", "stage3", "bad_rows")),
     Step("evaluate", "evaluate", ("seed", "student", "sample", "evaluate")),
     Step("export", "export", ("export",), ("export.stage=3",)),
 )
@@ -430,9 +439,14 @@ def counts_of(stage: str, summary: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def counts_balance(counts: dict[str, Any] | None) -> bool:
-    """in == out + rejected (+ other_temperature), where counts are given."""
+    """in == out + rejected (+ other_temperature), where counts are given; for the sample
+    stage also samples generated == candidates written + candidates rejected."""
     if not counts or "in" not in counts:
         return True
+    if "samples" in counts and counts["samples"] != counts.get("candidates", 0) + counts.get(
+        "candidates_rejected", 0
+    ):
+        return False
     return counts["in"] == counts.get("out", 0) + counts.get("rejected", 0) + counts.get(
         "other_temperature", 0
     )
@@ -639,6 +653,11 @@ def _fmt_counts(c: dict[str, Any] | None) -> str:
     parts = [f"{c['in']} in", f"{c.get('out', 0)} out", f"{c.get('rejected', 0)} rejected"]
     if c.get("other_temperature"):
         parts.append(f"{c['other_temperature']} other T")
+    if "samples" in c:
+        parts.append(
+            f"samples: {c['samples']} -> {c.get('candidates', 0)} candidates, "
+            f"{c.get('candidates_rejected', 0)} rejected"
+        )
     return ", ".join(parts)
 
 
@@ -658,7 +677,7 @@ def render_report(cfg: Config, rows: list[dict], seconds: float) -> str:
         )
     lines += ["", f"total: {seconds:.1f} s", "", "Reports:"]
     for rel in (
-        "sample/summary.json",
+        "sample/report.md",
         "score/summary.json",
         "select/report.md",
         "select_high_t/report.md",

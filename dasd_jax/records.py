@@ -9,6 +9,11 @@ whole) and produces:
   renamed into place when complete, so a killed job never leaves a half-written file under
   its final name. Stages write their output as numbered shards this way; on restart a shard
   that exists is finished work and is skipped.
+- `BadRowPolicy` / `BadRows`: the pipeline-wide rule for bad rows (`bad_rows.*` in the
+  config; docs/pipeline.md): every stage counts a bad row (file, line, reason) into its
+  rejects and goes on, until more than `max_bad_fraction` of its rows are bad; then it stops
+  with `TooManyBadRows` naming the count, the top reasons and the rejects file.
+  `on_bad_row=error` stops at the first bad row instead (strict runs).
 
 Paths may be local or `gs://` (read and written through `dasd_jax.storage`, which gives
 gs:// objects the same "exists under its final name => complete" guarantee).
@@ -17,8 +22,12 @@ gs:// objects the same "exists under its final name => complete" guarantee).
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Callable, Iterator
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,92 @@ class BadRow(ValueError):
     def __init__(self, path: str | Path, line: int, reason: str):
         self.path, self.line, self.reason = str(path), line, reason
         super().__init__(f"{path}:{line}: {reason}")
+
+
+@dataclass(frozen=True)
+class BadRowPolicy:
+    """What a stage does with a row it cannot use (the `bad_rows` config section).
+
+    on_bad_row: "skip" (count it into the stage's rejects with its reason and go on) or
+      "error" (stop at the first one, naming file, line and reason). A stage's own
+      `<stage>.on_bad_row` ("" = this) overrides it for that stage.
+    max_bad_fraction: with "skip", the stage stops (`TooManyBadRows`) once more than this
+      fraction of its input rows are bad. 0.05 by default: a healthy input (the released data,
+      a teacher's samples) has well under 1% bad rows, while a systematic fault (a wrong field
+      name, tokenizer or format) makes most rows bad; 5% sits far from both, lets the odd bad
+      row of a small input through (1 in 20) and stops a broken run within its first 5%.
+    """
+
+    on_bad_row: str = "skip"
+    max_bad_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.on_bad_row not in ("error", "skip"):
+            raise ValueError(f"on_bad_row must be error or skip, got {self.on_bad_row!r}")
+        if not (math.isfinite(self.max_bad_fraction) and 0.0 <= self.max_bad_fraction <= 1.0):
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+
+    def for_stage(self, on_bad_row: str) -> BadRowPolicy:
+        """This policy with a stage's own `on_bad_row` ("" = keep the pipeline-wide one)."""
+        if not on_bad_row:
+            return self
+        return BadRowPolicy(on_bad_row, self.max_bad_fraction)
+
+
+class TooManyBadRows(ValueError):
+    """More than `max_bad_fraction` of a stage's rows are bad."""
+
+
+def reason_key(reason: str) -> str:
+    """The name of a reject reason, for counting: the text before its first ':' or ' ('
+    ("teacher_text_mismatch: tokens 3..5 ..." -> "teacher_text_mismatch")."""
+    return re.split(r":| \(", reason, maxsplit=1)[0].strip()[:80] or reason[:80]
+
+
+class BadRows:
+    """A stage's bad rows under a `BadRowPolicy`.
+
+    `add(err)` raises `err` under "error"; under "skip" it counts the row by reason and
+    raises `TooManyBadRows` as soon as the count exceeds `max_bad_fraction` of `total` (the
+    stage's input rows, when known up front: the final fraction can then only be larger), so a
+    broken run stops early. `check(rows, bad, reasons)` is the final test on a stage's totals
+    (resumed shards included). `rejects` is the path the error message points to.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        policy: BadRowPolicy,
+        rejects: str,
+        total: int | None = None,
+        *,
+        what: str = "rows are bad",
+        key: str = "bad_rows.max_bad_fraction",
+    ):
+        self.stage, self.policy, self.rejects, self.total = stage, policy, rejects, total
+        self.what, self.key = what, key  # for the message: what is counted, the limit's key
+        self.count = 0
+        self.reasons: Counter[str] = Counter()
+
+    def add(self, err: BadRow) -> None:
+        if self.policy.on_bad_row == "error":
+            raise err
+        self.count += 1
+        self.reasons[reason_key(err.reason)] += 1
+        if self.total and self.count > self.policy.max_bad_fraction * self.total:
+            self._fail(self.total, self.count, self.reasons, "of the input's")
+
+    def check(self, rows: int, bad: int, reasons: Mapping[str, int]) -> None:
+        if rows and bad > self.policy.max_bad_fraction * rows:
+            self._fail(rows, bad, reasons, "of")
+
+    def _fail(self, rows: int, bad: int, reasons: Mapping[str, int], of: str) -> None:
+        top = ", ".join(f"{r} ({n})" for r, n in Counter(reasons).most_common(3))
+        raise TooManyBadRows(
+            f"{self.stage}: {bad} {of} {rows} {self.what} ({bad / rows:.1%} > "
+            f"{self.key}={self.policy.max_bad_fraction:g}); top reasons: {top}; "
+            f"each one with its reason: {self.rejects}"
+        )
 
 
 def iter_jsonl(

@@ -18,8 +18,11 @@ Produces, under `<run_dir>/score/` (local or gs://):
   also per input file.
 - `rejects.part-NNNNNN.jsonl`: `{file, line, id, reason}` for every line or candidate not
   scored (malformed, missing field, log-prob length mismatch, unknown uuid in the join,
-  teacher text mismatch, too long) when `score.on_bad_row=skip`; with `error` the run stops
-  at the first one with `file:line: reason`.
+  teacher text mismatch, malformed harmony in a dump, too long), under the pipeline-wide
+  bad-row policy (`bad_rows.*`, `records.BadRowPolicy`): counted and skipped until more than
+  `bad_rows.max_bad_fraction` of the lines are bad, then the run stops naming the count, the
+  top reasons and these files; with `score.on_bad_row=error` it stops at the first one with
+  `file:line: reason`.
 - `summary.json` (process 0): totals, per input file, and `counts` {in, out, rejected} with
   in = candidates read + unreadable lines = out + rejected; `metrics.jsonl` (progress: rows/s,
   tokens/s, ETA, padding; appended locally, under `storage.local_dir` when run_dir is gs://,
@@ -43,6 +46,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +59,7 @@ from dasd_jax import chat, ingest, storage
 from dasd_jax.config import Config, ModelConfig
 from dasd_jax.logprobs import sequence_logprobs
 from dasd_jax.progress import Progress
-from dasd_jax.records import BadRow, atomic_write, shard_name, write_json
+from dasd_jax.records import BadRow, BadRows, atomic_write, reason_key, shard_name, write_json
 from dasd_jax.schema import Candidate, TokenScores
 from dasd_jax.sharding import batch_sharding, make_mesh
 from dasd_jax.tokenizer import encode_with_offsets, load_tokenizer
@@ -200,7 +204,8 @@ class Side:
         try:
             ids, offsets = encode_with_offsets(self.tokenizer, r.text)
         except ValueError as e:
-            raise ValueError(f"cannot tokenize for the {self.name}: {e}") from None
+            # the reason first (e.g. not_nfc), so rejects count by it
+            raise ValueError(f"{e} (tokenizing for the {self.name})") from None
         first, count, spans = chat.response_offsets(offsets, r)
         return Encoded(key, ids, first, count, spans)
 
@@ -282,6 +287,7 @@ class _Context:
         self.formats: dict[int, str] = {}  # file index -> format, detected when first read
         self._readers: dict[int, ingest.Reader] = {}
         self.index = None
+        self.bad_rows: BadRows | None = None  # set by `run` (it knows the input's size)
         if sc.teacher_logprobs:
             cache = sc.index_dir or storage.join(cfg.run_dir, "cache")  # kept local (ingest)
             self.index = ingest.LogprobIndex(sc.teacher_logprobs, cache)
@@ -354,19 +360,10 @@ def _score_shard(
         )
 
     def bad(fi: int, line: int, err: Exception, cand_id: str | None = None) -> None:
-        if sc.on_bad_row == "error":
-            if isinstance(err, BadRow):
-                raise err
-            raise BadRow(ctx.files[fi], line, str(err)) from err
+        row = err if isinstance(err, BadRow) else BadRow(ctx.files[fi], line, str(err))
+        ctx.bad_rows.add(row)  # raises under on_bad_row=error, or past max_bad_fraction
         file_counts(fi)["rejects"] += 1
-        rejects.append(
-            {
-                "file": ctx.files[fi],
-                "line": line,
-                "id": cand_id,
-                "reason": err.reason if isinstance(err, BadRow) else str(err),
-            }
-        )
+        rejects.append({"file": ctx.files[fi], "line": line, "id": cand_id, "reason": row.reason})
 
     for fi, line, raw in lines:
         file_counts(fi)["lines"] += 1
@@ -466,6 +463,7 @@ def _score_shard(
         "candidates": len(cands),
         "rows_out": len(out_lines),
         "rejects": len(rejects),
+        "reject_reasons": dict(Counter(reason_key(r["reason"]) for r in rejects)),
         "teacher_from": teacher_from,
         **counts,
         "files": {ctx.files[fi]: c for fi, c in sorted(per_file.items())},
@@ -490,7 +488,14 @@ def run(cfg: Config) -> dict:
     # progress lines are appended: a local file (a mirror when out_dir is gs://), uploaded below
     metrics_name = "metrics.jsonl" if proc == 0 else f"metrics.process{proc}.jsonl"
     metrics = Path(storage.local_dir(out_dir)) / metrics_name
-    progress = Progress("score", sum(ingest.count_lines(f) for f in files), metrics)
+    n_lines = sum(ingest.count_lines(f) for f in files)
+    progress = Progress("score", n_lines, metrics)
+    ctx.bad_rows = BadRows(
+        "score",
+        cfg.bad_rows.for_stage(cfg.score.on_bad_row),
+        storage.join(out_dir, "rejects.part-*.jsonl"),
+        total=n_lines,
+    )
     t0 = time.perf_counter()
     skipped_shards = 0
     done = {os.path.basename(f) for f in storage.glob(storage.join(out_dir, "part-*.jsonl"))}
@@ -510,6 +515,9 @@ def run(cfg: Config) -> dict:
 
         multihost_utils.sync_global_devices("dasd_jax score done")
     summary = summarize(out_dir)
+    c = summary["counts"]
+    reasons = summary["reject_reasons"]
+    ctx.bad_rows.check(c["in"], c["rejected"], reasons)
     summary.update(
         seconds=round(time.perf_counter() - t0, 2),
         skipped_shards=skipped_shards,
@@ -576,6 +584,7 @@ def summarize(out_dir: str | Path) -> dict:
         "shards": 0,
         **{k: 0 for k in keys},
         "teacher_from": {"logprobs": 0, "model": 0, "none": 0},
+        "reject_reasons": Counter(),
     }
     files: dict[str, dict[str, int]] = {}
     parts = set(storage.glob(storage.join(out_dir, "part-*.jsonl")))
@@ -588,6 +597,7 @@ def summarize(out_dir: str | Path) -> dict:
             totals[k] += s.get(k, 0)
         for k, v in s.get("teacher_from", {}).items():
             totals["teacher_from"][k] += v
+        totals["reject_reasons"].update(s.get("reject_reasons", {}))
         for name, c in s.get("files", {}).items():
             mine = files.setdefault(name, {})
             for k, v in c.items():
@@ -596,6 +606,7 @@ def summarize(out_dir: str | Path) -> dict:
         real, padded = totals[f"{side}_tokens"], totals[f"{side}_padded_tokens"]
         totals[f"{side}_padding_fraction"] = round(1 - real / padded, 4) if padded else 0.0
     totals["files"] = dict(sorted(files.items()))
+    totals["reject_reasons"] = dict(totals["reject_reasons"].most_common())
     totals["counts"] = {
         "in": totals["candidates"] + totals["bad_lines"],
         "out": totals["rows_out"],

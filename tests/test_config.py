@@ -65,6 +65,11 @@ def test_defaults_and_overrides():
         ("filters.max_tokens=0", "filters.max_tokens must be >= 1"),
         ("score.on_bad_row", "is not key=value"),
         ("filters.length=maybe", "filters.length: expected true/false"),
+        ("student.path=...", r"override student.path: '\.\.\.' is not a YAML value"),
+        ("sample.stop=[a", "override sample.stop: '\\[a' is not a YAML value"),
+        ("bad_rows.max_bad_fraction=2", "max_bad_fraction must be in \\[0, 1\\]"),
+        ("bad_rows.on_bad_row=maybe", "on_bad_row must be error or skip"),
+        ("score.on_bad_row=never", "score.on_bad_row must be one of"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

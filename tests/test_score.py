@@ -245,8 +245,9 @@ def test_bad_input_is_located_or_rejected(tmp_path, student, teacher):
         f"score.teacher_logprobs={lp_path}",
         f"score.teacher_tokenizer={build_gpt_oss_tokenizer()}",
     )
+    strict = (*join, "score.on_bad_row=error")  # stop at the first bad row
     with pytest.raises(BadRow, match=r"bad\.jsonl:2: malformed JSON"):
-        score.run(_cfg(tmp_path / "e1", student, data, *join, teacher=teacher))
+        score.run(_cfg(tmp_path / "e1", student, data, *strict, teacher=teacher))
     del lines[1]
     data.write_text("\n".join(lines) + "\n")
     with pytest.raises(
@@ -254,7 +255,7 @@ def test_bad_input_is_located_or_rejected(tmp_path, student, teacher):
         match=r"bad\.jsonl:4: logprob_length_mismatch: token_ids has \d+ entries, logprobs "
         r"has \d+ \(teacher log-prob row .*lp\.jsonl:4\)",
     ):
-        score.run(_cfg(tmp_path / "e2", student, data, *join, teacher=teacher))
+        score.run(_cfg(tmp_path / "e2", student, data, *strict, teacher=teacher))
     lines.insert(1, "{not json")
     data.write_text("\n".join(lines) + "\n")
     summary = score.run(
@@ -264,6 +265,7 @@ def test_bad_input_is_located_or_rejected(tmp_path, student, teacher):
             data,
             *join,
             "score.on_bad_row=skip",
+            "bad_rows.max_bad_fraction=1",  # most of these few rows are bad on purpose
             "score.max_tokens=500",
             teacher=teacher,
         )

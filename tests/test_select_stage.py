@@ -10,7 +10,7 @@ import pytest
 
 from dasd_jax import launch
 from dasd_jax.config import load_config
-from dasd_jax.records import BadRow
+from dasd_jax.records import BadRow, TooManyBadRows
 from dasd_jax.schema import Candidate, SFTRecord, TokenScores
 from dasd_jax.select import stage
 from dasd_jax.select.sentences import split_sentences
@@ -176,8 +176,12 @@ def test_bad_scored_line_is_located_or_rejected(tmp_path):
     bad_len["student"]["logprobs"] = bad_len["student"]["logprobs"][:-1]
     _parts(tmp_path / "run" / "score", [good, "{oops\n", json.dumps(bad_len) + "\n"])
     with pytest.raises(BadRow, match=r"part-000000\.jsonl:2: malformed JSON"):
-        stage.run(_cfg(tmp_path / "run"))
-    summary = stage.run(_cfg(tmp_path / "run", "select_stage.on_bad_row=skip"))
+        stage.run(_cfg(tmp_path / "run", "select_stage.on_bad_row=error"))
+    with pytest.raises(TooManyBadRows, match=r"select: 2 of 3 rows are bad"):
+        stage.run(_cfg(tmp_path / "run"))  # the pipeline-wide policy: 2 of 3 is above 5%
+    summary = stage.run(
+        _cfg(tmp_path / "run", "select_stage.on_bad_row=skip", "bad_rows.max_bad_fraction=1")
+    )
     rejects = [json.loads(x) for x in (tmp_path / "run" / "select" / "rejects.jsonl").open()]
     assert [(r["line"], r["reasons"]) for r in rejects] == [(2, ["bad_row"]), (3, ["bad_row"])]
     assert "logprobs has 5 entries, token_ids has 6" in rejects[1]["detail"]

@@ -105,11 +105,12 @@ def test_score_reads_the_sample_folder_as_the_concatenated_files(tmp_path, stude
     concat = tmp_path / "all.jsonl"
     concat.write_text("".join(p.read_text() for p in parts))
 
+    strict = ("score.rows_per_shard=100", "score.on_bad_row=error")
     with pytest.raises(BadRow, match=r"t1/part-000000\.jsonl:2: malformed JSON"):
-        score.run(_cfg(tmp_path / "e", student, folder, "score.rows_per_shard=100"))
-    skip = "score.on_bad_row=skip"
-    got = score.run(_cfg(tmp_path / "a", student, folder, skip))
-    ref = score.run(_cfg(tmp_path / "b", student, concat, skip))
+        score.run(_cfg(tmp_path / "e", student, folder, *strict))
+    skip = ("score.on_bad_row=skip", "bad_rows.max_bad_fraction=1")  # 1 of these 6 is bad
+    got = score.run(_cfg(tmp_path / "a", student, folder, *skip))
+    ref = score.run(_cfg(tmp_path / "b", student, concat, *skip))
     a, b = _scored(tmp_path / "a" / "score"), _scored(tmp_path / "b" / "score")
     assert len(a) == 5 and [_without_location(x) for x in a] == [_without_location(y) for y in b]
     assert [x.temperature for x in a] == [0.6, 0.6, 0.6, 1.0, 1.0]
@@ -137,10 +138,10 @@ def test_score_reads_the_sample_folder_as_the_concatenated_files(tmp_path, stude
 
     # a glob names the same stream; a resumed run skips the finished shards
     shutil.rmtree(tmp_path / "a" / "score")
-    glob = score.run(_cfg(tmp_path / "a", student, f"{folder}/t*/part-*.jsonl", skip))
+    glob = score.run(_cfg(tmp_path / "a", student, f"{folder}/t*/part-*.jsonl", *skip))
     assert [x.to_dict() for x in _scored(tmp_path / "a" / "score")] == [x.to_dict() for x in a]
     (tmp_path / "a" / "score" / "part-000001.jsonl").unlink()
-    again = score.run(_cfg(tmp_path / "a", student, folder, skip))
+    again = score.run(_cfg(tmp_path / "a", student, folder, *skip))
     assert again["skipped_shards"] == 2 and again["counts"] == glob["counts"]
 
 
@@ -245,8 +246,9 @@ def test_select_class_needs_each_candidates_temperature(tmp_path):
     _write_scored(tmp_path / "run" / "score", cands)
     args = [f"run_dir={tmp_path / 'run'}", "select_stage.temperatures=low_t"]
     with pytest.raises(BadRow, match=r"part-000001\.jsonl:1: no_temperature"):
-        select_stage.run(load_config(None, args))
-    s = select_stage.run(load_config(None, [*args, "select_stage.on_bad_row=skip"]))
+        select_stage.run(load_config(None, [*args, "select_stage.on_bad_row=error"]))
+    skip = ["select_stage.on_bad_row=skip", "bad_rows.max_bad_fraction=1"]
+    s = select_stage.run(load_config(None, [*args, *skip]))
     assert s["counts"] == {"in": 2, "out": 1, "rejected": 1, "other_temperature": 0}
     assert s["selected"] == 1 and s["bad_rows"] == 1
     assert select_stage.run(load_config(None, args[:1]))["counts"]["in"] == 2  # all: no check

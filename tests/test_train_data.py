@@ -57,7 +57,11 @@ def _pipeline(tok, tmp_path, sources: dict, tcfg=None, scfg_kw=None, seed=0):
 
 
 def _text(text, offsets, idx):
-    return "".join(text[offsets[i][0] : offsets[i][1]] for i in idx)
+    """The text of tokens `idx`, a character split across tokens given to the last one that
+    holds its bytes (each span cut at the next token's start: the byte rule's spans share
+    such a character)."""
+    nxt = [s for s, _ in offsets[1:]] + [len(text)]
+    return "".join(text[offsets[i][0] : min(offsets[i][1], nxt[i])] for i in idx)
 
 
 @pytest.mark.parametrize("mask_prefix", [False, True])
@@ -211,8 +215,10 @@ def test_bad_input_errors_name_what_is_missing(tok, tmp_path):
     good = _write(tmp_path, "good", _records(n=3))
     empty_resp = _records(n=3) + [SFTRecord("no-answer-7", "What is 2+2?", "", "a")]
     bad = _write(tmp_path, "bad", empty_resp)
-    # a record without assistant tokens: error names the record, the source and the file
-    pl = _pipeline(tok, tmp_path, {"a": (bad, 1.0)})
+    # a record without assistant tokens: with on_bad_record=error (strict runs), the error
+    # names the record, the source and the file
+    strict = TrainConfig(seq_len=512, global_batch=4, data_threads=2, on_bad_record="error")
+    pl = _pipeline(tok, tmp_path, {"a": (bad, 1.0)}, strict)
     with pytest.raises(data.DataError, match=r"'a'.*bad\.array_record.*no-answer-7.*no assistant"):
         it = iter(pl.mixed())
         for _ in range(8):

@@ -43,7 +43,8 @@ class MixedPolicyConfig:
     teacher_max_prefill_length: longest teacher prompt + prefix; 0 = the next power of two
       >= 1.25 x (longest student prompt + largest budget).
     questions_per_shard: the unit of resumable work and of one `train-NNNNN.array_record`.
-    on_bad_row: error | skip (an unreadable source record is skipped and counted).
+    on_bad_row: "" (the pipeline-wide `bad_rows.on_bad_row`) | error | skip (an unreadable
+      source record is counted and skipped, up to `bad_rows.max_bad_fraction`).
     demo: when the student or the teacher is an embedded random tiny model, cap questions,
       lengths and engine sizes and turn off the structure filter (the random models never
       write `<think>`), each logged; false leaves the config as it is.
@@ -69,7 +70,7 @@ class MixedPolicyConfig:
     max_student_tokens: int = 131072
     teacher_max_prefill_length: int = 0
     questions_per_shard: int = 256
-    on_bad_row: str = "error"
+    on_bad_row: str = ""
     demo: bool = True
     report: bool = True
     progress_every_s: float = 10.0
@@ -78,7 +79,7 @@ class MixedPolicyConfig:
     def __post_init__(self) -> None:
         for name, allowed in (
             ("snap", SNAP_CHOICES),
-            ("on_bad_row", ("error", "skip")),
+            ("on_bad_row", ("", "error", "skip")),
             ("non_think_prefix", ("reject", "as_thinking")),
         ):
             if getattr(self, name) not in allowed:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import bisect
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 from dasd_jax import storage
 from dasd_jax.config import Config, to_dict
 from dasd_jax.mixed_policy import cut as cutlib
-from dasd_jax.records import BadRow, write_json
+from dasd_jax.records import BadRow, BadRows, reason_key, write_json
 from dasd_jax.schema import SFTRecord
 
 
@@ -98,6 +99,7 @@ def fingerprint(cfg: Config, files: list[str], student: Path, teacher: str, demo
             "top_p": sc.top_p,
             "top_k": sc.top_k,
             "stop": list(sc.stop),
+            "harmony_repair": sc.harmony_repair,
             "teacher_system_prompt": sc.system_prompt,
             "student_system_prompt": cfg.train.system_prompt,
             "prompt_format": sc.prompt_format,
@@ -117,17 +119,21 @@ def build_plan(
     mp = cfg.mixed_policy
     first: dict[str, int] = {}
     bad: list[dict] = []
+    policy = cfg.bad_rows.for_stage(mp.on_bad_row)
+    out = mp.output or f"{cfg.run_dir}/mixed_policy"
+    bad_rows = BadRows("mixed_policy", policy, f"{out}/rejects.jsonl")
     for i, raw in records.scan():
         try:
             rec = records.parse(i, raw)
         except BadRow as e:
-            if mp.on_bad_row == "error":
+            if policy.on_bad_row == "error":
                 raise
             bad.append(
                 {"file": e.path, "record": e.line, "reason": "bad_record", "detail": e.reason}
             )
             continue
         first.setdefault(prompt_hash(rec.prompt), i)
+    bad_rows.check(len(records), len(bad), Counter(reason_key(b["detail"]) for b in bad))
     keys = list(first)
     chosen = [keys[j] for j in cutlib.choose_questions(keys, mp.questions, cfg.seed)]
     questions = []

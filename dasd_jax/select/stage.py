@@ -43,7 +43,7 @@ import numpy as np
 
 from dasd_jax import storage
 from dasd_jax.config import Config, to_dict
-from dasd_jax.records import BadRow, iter_jsonl, write_json, write_jsonl
+from dasd_jax.records import BadRow, BadRows, iter_jsonl, reason_key, write_json, write_jsonl
 from dasd_jax.schema import Candidate, SFTRecord, write_sft_records
 from dasd_jax.select import das, filters
 
@@ -191,7 +191,8 @@ def run(cfg: Config) -> dict:
             s.reasons = rs + s.reasons
         pending.clear()
 
-    for fi, line, c in _iter_candidates(files, sc.on_bad_row, bad, sc, other):
+    policy = cfg.bad_rows.for_stage(sc.on_bad_row)
+    for fi, line, c in _iter_candidates(files, policy.on_bad_row, bad, sc, other):
         st = c.student
         n_tok = None if st is None else (st.n_prompt_tokens or 0) + len(st.token_ids)
         s = Seen(
@@ -234,6 +235,9 @@ def run(cfg: Config) -> dict:
         if len(pending) >= _FILTER_CHUNK:
             flush()
     flush()
+    BadRows("select", policy, storage.join(out_dir, "rejects.jsonl")).check(
+        len(bad) + len(seen) + other[0], len(bad), Counter(reason_key(e.reason) for e in bad)
+    )
 
     selection = das.select(
         (
@@ -304,7 +308,7 @@ def run(cfg: Config) -> dict:
             for c in selection.selected
         ),
     )
-    train_files = _write_train(files, kept, out_dir, sc, on_bad=sc.on_bad_row)
+    train_files = _write_train(files, kept, out_dir, sc, on_bad=policy.on_bad_row)
 
     summary = _summary(cfg, seen, bad, selection, acc, files, train_files, n_rejects)
     summary["temperatures"] = sc.temperatures

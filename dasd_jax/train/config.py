@@ -83,7 +83,8 @@ class TrainConfig:
     # gives the same batches on any number of hosts dividing S (S must divide micro_batch)
     data_shards: int = 0
     overlong: Literal["drop", "truncate"] = "drop"  # examples longer than seq_len
-    on_bad_record: Literal["error", "skip"] = "error"  # e.g. a record with no answer tokens
+    # e.g. a record with no answer tokens; "" = the pipeline-wide bad_rows.on_bad_row
+    on_bad_record: Literal["", "error", "skip"] = ""
     system_prompt: str = "You are a helpful assistant."
     data_threads: int = 8  # Grain read/tokenize threads per host
     length_sample: int = 256  # records per source tokenized to estimate steps from epochs

@@ -149,8 +149,9 @@ def encode_record(rec: SFTRecord, tokenizer, system_prompt: str, mask_student_pr
     end = r.response_end + len(IM_END)
     span = np.asarray(offsets, np.int64).reshape(-1, 2)
     s, e = span[:, 0], span[:, 1]
-    # a token is a target when it holds response (or <|im_end|>) characters; an empty span
-    # (leading bytes of a split character) counts where it sits
+    # a token is a target when it holds response (or <|im_end|>) characters, part of one
+    # included (the byte rule: a token holding some bytes of the first character spans it);
+    # an empty span (a token without text) counts where it sits
     mask = ((e > start) | (s >= start)) & (s < end)
     return np.asarray(ids, np.int32), mask.astype(np.int32)
 
@@ -168,11 +169,12 @@ class Encode:
             rec = SFTRecord.from_bytes(raw)
             ids, mask = encode_record(rec, self.tokenizer, t.system_prompt, self.mask_prefix)
         except (DataError, ValueError, TypeError, KeyError) as e:
+            where = f"source {self.source.name!r} ({', '.join(self.source.files)})"
             if t.on_bad_record == "error":
                 raise DataError(
-                    f"source {self.source.name!r} ({', '.join(self.source.files)}): "
-                    f"{e} (train.on_bad_record=skip counts and skips such records)"
+                    f"{where}: {e} (train.on_bad_record=skip counts and skips such records)"
                 ) from None
+            log.warning("skipped a bad record of %s: %s", where, e)
             return {"status": "skipped_bad"}
         truncated = 0
         if len(ids) > t.seq_len:

@@ -48,7 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dasd_jax import storage
 from dasd_jax.config import Config, to_yaml
 from dasd_jax.models.checkpoint import ARCHITECTURES, load_hf, read_config, save_hf
-from dasd_jax.records import write_json
+from dasd_jax.records import BadRows, write_json
 from dasd_jax.sharding import BATCH_AXES, make_mesh
 from dasd_jax.tokenizer import load_tokenizer
 from dasd_jax.train import data as data_lib
@@ -65,6 +65,8 @@ DEMO_TRAIN = dict(
     seq_len=256, checkpoint_every=4, eval_rows=1, eval_every=4, data_threads=2, length_sample=8
 )
 DEMO_MAX_STEPS = 8
+# records seen before the bad-record fraction is tested mid-run (it is always tested at the end)
+MIN_RECORDS_FOR_BAD_FRACTION = 100
 
 
 class StageError(RuntimeError):
@@ -149,7 +151,10 @@ def _from_stage(folder: Path) -> Init:
 
 def resolve_data(cfg: Config, stage: int, init: Init, batch_ways: int = 1):
     """(sources, train config, stage config, demo?): the demo set when eligible."""
-    scfg, tcfg = stage_config(cfg, stage), cfg.train
+    scfg = stage_config(cfg, stage)
+    # the pipeline-wide bad-row policy, unless train.on_bad_record says otherwise
+    policy = cfg.bad_rows.for_stage(cfg.train.on_bad_record)
+    tcfg = dataclasses.replace(cfg.train, on_bad_record=policy.on_bad_row)
     found = any(
         storage.glob(p.strip().replace("{run_dir}", cfg.run_dir))
         for s in scfg.sources.values()
@@ -356,7 +361,12 @@ def run(cfg: Config, stage: int, *, on_step=None) -> dict:
     )
     data_iter = iter(pipeline.dataset())
     start = ckpt.latest_step()
-    counters = {k: 0 for k in data_lib.EVENTS} | {"tokens_seen": 0}
+    counters = {k: 0 for k in data_lib.EVENTS} | {"tokens_seen": 0, "documents": 0}
+    bad_records = BadRows(
+        f"stage {stage}",
+        cfg.bad_rows.for_stage(tcfg.on_bad_record),
+        f"{out / 'metrics.jsonl'} (skipped_bad; each one logged with its reason)",
+    )
     if start is not None:
         log.info("stage %d: resuming from step %d (%s)", stage, start, ckpt.directory)
         state, meta = ckpt.restore(start, ts.abstract, data_iter)
@@ -433,8 +443,14 @@ def run(cfg: Config, stage: int, *, on_step=None) -> dict:
             )
         dt = time.perf_counter() - t_start
         counters["tokens_seen"] += hs["tokens_all"]
+        counters["documents"] += hs["documents"]
         for k in data_lib.EVENTS:
             counters[k] += hs["events"][k]
+        seen = counters["documents"] + counters["skipped_bad"]
+        if seen >= MIN_RECORDS_FOR_BAD_FRACTION:  # a few records say little about the rest
+            bad_records.check(
+                seen, counters["skipped_bad"], {"bad_record": counters["skipped_bad"]}
+            )
         row = {
             "step": step,
             "loss": m["loss"],
@@ -495,6 +511,8 @@ def run(cfg: Config, stage: int, *, on_step=None) -> dict:
         metrics.close()
         raise
     ckpt.wait()
+    seen = counters["documents"] + counters["skipped_bad"]
+    bad_records.check(seen, counters["skipped_bad"], {"bad_record": counters["skipped_bad"]})
     summary.update(step=step, counters=counters, checkpoint=str(ckpt.directory))
     if stopped:
         ckpt.close()
