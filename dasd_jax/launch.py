@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         "aside); with --stage=all, also every later step",
     )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
+    # Intermixed: overrides may come before, between and after the flags, as the docs write
+    # them (`--stage=3 $T key=value` with --config= inside $T). Unknown flags are still errors.
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("jax", "absl", "orbax", "grain"):  # backend probing etc.
         logging.getLogger(noisy).setLevel(logging.WARNING)
