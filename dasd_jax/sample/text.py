@@ -149,8 +149,8 @@ class Mapped:
     keep: int
     reason: str | None = None
     harmony: dict | None = None
-    detail: str | None = None  # a refused one: what is wrong, and where (a character of raw)
-    at_char: int | None = None
+    detail: str | None = None  # a refused one: what is wrong, and where
+    at_char: int | None = None  # ... as a character of the raw text, when known
 
 
 def ended_by(finish_reason: str, stop: int | str | None, token_text: TokenText) -> str | None:
@@ -185,8 +185,8 @@ def map_response(
             return dataclasses.replace(mapped, response=raw)
     problem = nfc_problem(mapped.response)
     if problem is not None:
-        at = int(problem.split("character ", 1)[1].split(" ", 1)[0])  # as nfc_problem names it
-        return Mapped(raw, None, len(ids), "not_nfc", mapped.harmony, problem, at)
+        # `problem` names the character and the text around it (in the response, not `raw`)
+        return Mapped(raw, None, len(ids), "not_nfc", mapped.harmony, problem)
     return mapped
 
 
