@@ -110,9 +110,15 @@ def fingerprint(cfg: Config, files: list[str], student: Path, teacher: str, demo
 
 
 def build_plan(
-    cfg: Config, records: SourceRecords, student_tok, fingerprint: dict, cap_limit: int | None
+    cfg: Config,
+    records: SourceRecords,
+    student_tok,
+    fingerprint: dict,
+    cap_limit: int | None,
+    rejects: str = "rejects.jsonl",
 ) -> dict:
-    """The drawn questions (deterministic), with budgets and engine sizes."""
+    """The drawn questions (deterministic), with budgets and engine sizes. `rejects`: where
+    the stage lists unreadable records (named when too many are)."""
     from dasd_jax.ingest import prompt_hash
     from dasd_jax.tokenizer import render_chat
 
@@ -120,8 +126,7 @@ def build_plan(
     first: dict[str, int] = {}
     bad: list[dict] = []
     policy = cfg.bad_rows.for_stage(mp.on_bad_row)
-    out = mp.output or f"{cfg.run_dir}/mixed_policy"
-    bad_rows = BadRows("mixed_policy", policy, f"{out}/rejects.jsonl")
+    bad_rows = BadRows("mixed_policy", policy, rejects)
     for i, raw in records.scan():
         try:
             rec = records.parse(i, raw)
@@ -183,6 +188,6 @@ def load_or_build_plan(cfg: Config, out: Path, records, student_tok, fp: dict, c
                 "that one to start over"
             )
         return plan
-    plan = build_plan(cfg, records, student_tok, fp, cap_limit)
+    plan = build_plan(cfg, records, student_tok, fp, cap_limit, str(out / "rejects.jsonl"))
     write_json(path, plan)
     return plan

@@ -292,9 +292,8 @@ class OpenAIBackend:
             raw, offsets, n = cut_at(raw, offsets, len(server_text))
             ids, logprobs, tops = ids[:n], logprobs[:n], tops[:n]
         fmt = "harmony" if self.format == "harmony" else "chatml"
-        finish = ch.get("finish_reason")
+        finish, stop = ch.get("finish_reason"), ch.get("stop_reason", dasd.get("stop"))
         if tt is not None:
-            stop = ch.get("stop_reason", dasd.get("stop"))
             mapped = map_response(
                 raw,
                 ids,
@@ -311,7 +310,7 @@ class OpenAIBackend:
         meta: dict[str, Any] = {
             "seed": job.seeds[i],
             "line": job.key[2],
-            "stop": ch.get("stop_reason", dasd.get("stop")),
+            "stop": stop,
             "prompt_format": self.format,
             "top_p": self.sc.top_p,
             "top_k": self.sc.top_k,

@@ -263,9 +263,7 @@ def _finalize(shard: _Shard) -> dict:
         "candidates": len(cands),
         "candidates_rejected": len(rejected),
         "candidate_reject_reasons": dict(Counter(r["reason"] for r in rejected)),
-        "harmony_repairs": dict(
-            Counter(c.meta["harmony"]["repair"] for c in cands if _repair(c) is not None)
-        ),
+        "harmony_repairs": dict(Counter(r for c in cands if (r := _repair(c)) is not None)),
         "tokens": sum(len(c.teacher.token_ids) for c in cands),
         "finish_reasons": dict(finish),
         "resumed_prompts": shard.resumed,

@@ -446,11 +446,7 @@ def run(cfg: Config, stage: int, *, on_step=None) -> dict:
         counters["documents"] += hs["documents"]
         for k in data_lib.EVENTS:
             counters[k] += hs["events"][k]
-        seen = counters["documents"] + counters["skipped_bad"]
-        if seen >= MIN_RECORDS_FOR_BAD_FRACTION:  # a few records say little about the rest
-            bad_records.check(
-                seen, counters["skipped_bad"], {"bad_record": counters["skipped_bad"]}
-            )
+        _check_bad_records(bad_records, counters, final=False)
         row = {
             "step": step,
             "loss": m["loss"],
@@ -511,8 +507,7 @@ def run(cfg: Config, stage: int, *, on_step=None) -> dict:
         metrics.close()
         raise
     ckpt.wait()
-    seen = counters["documents"] + counters["skipped_bad"]
-    bad_records.check(seen, counters["skipped_bad"], {"bad_record": counters["skipped_bad"]})
+    _check_bad_records(bad_records, counters, final=True)
     summary.update(step=step, counters=counters, checkpoint=str(ckpt.directory))
     if stopped:
         ckpt.close()
@@ -533,6 +528,15 @@ def run(cfg: Config, stage: int, *, on_step=None) -> dict:
         }
         write_json(out / "final.json", final)  # atomic: the stage's completion marker
     return summary
+
+
+def _check_bad_records(bad_records: BadRows, counters: dict, final: bool) -> None:
+    """The bad-record fraction so far (`skipped_bad` of the records read); mid-run only once
+    `MIN_RECORDS_FOR_BAD_FRACTION` records were read (a few say little about the rest)."""
+    bad = counters["skipped_bad"]
+    seen = counters["documents"] + bad
+    if final or seen >= MIN_RECORDS_FOR_BAD_FRACTION:
+        bad_records.check(seen, bad, {"bad_record": bad})
 
 
 def _gather(values: list[float]) -> np.ndarray:
