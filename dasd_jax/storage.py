@@ -51,6 +51,8 @@ from typing import IO, Any
 
 from etils import epath
 
+from dasd_jax import faults
+
 PathLike = str | os.PathLike
 
 
@@ -139,6 +141,7 @@ def atomic_path(path: PathLike) -> Iterator[str]:
         try:
             yield tmp
             _publish_remote(tmp, as_path(path))
+            faults.tick("publish")
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -155,6 +158,7 @@ def atomic_path(path: PathLike) -> Iterator[str]:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        faults.tick("publish")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

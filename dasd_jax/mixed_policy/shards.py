@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dasd_jax import storage
+from dasd_jax import faults, storage
 from dasd_jax.records import atomic_write, write_json, write_jsonl
 from dasd_jax.schema import SFTRecord, write_sft_records
 
@@ -78,6 +78,7 @@ class Shard:
             f.write(json.dumps(entry, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        faults.tick("journal")
         (self.final if entry["phase"] == "final" else self.student)[entry["q"]] = entry
         if self.complete:
             self.finalize()

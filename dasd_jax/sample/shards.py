@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dasd_jax import storage
+from dasd_jax import faults, storage
 from dasd_jax.config import Config
 from dasd_jax.progress import Progress
 from dasd_jax.records import (
@@ -233,6 +233,7 @@ def _append_journal(
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    faults.tick("journal")
 
 
 def _finalize(shard: _Shard) -> dict:

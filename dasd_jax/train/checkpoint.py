@@ -30,7 +30,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dasd_jax import storage
+from dasd_jax import faults, storage
 from dasd_jax.sharding import named_sharding
 
 
@@ -91,6 +91,7 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta),
         )
         self.manager.save(step, args=args, force=True)
+        faults.tick("checkpoint")
 
     def restore(self, step: int, abstract: dict, data_iter=None) -> tuple[dict, dict]:
         """(state, meta) of `step`; `data_iter`, when given, is moved to the saved position."""
