@@ -2,13 +2,17 @@
 
 Every durable write of the pipeline (a file published by `storage.atomic_path`, a line
 appended to a sample or mixed-policy journal, a training checkpoint handed to Orbax) calls
-`tick(point)`. With the environment variable `DASD_JAX_KILL_AFTER=N` set, the N-th tick of the
+`tick(point)`. With the environment variable `DASD_JAX_KILL_AFTER` set, one tick of the
 process sends SIGKILL to the process itself: no `finally`, no atexit, no flush, as a preempted
-VM or an OOM kill would end it. Unset (always, outside tests) `tick` is a counter increment.
+VM or an OOM kill ends it. Unset (always, outside tests) `tick` returns at once.
 
-`DASD_JAX_KILL_AFTER=N:POINT` counts only the ticks of one point ("publish", "journal",
-"checkpoint"). `DASD_JAX_KILL_LOG=FILE` appends the point and count of the fatal tick to FILE
-before dying, so a test can say where each kill landed.
+- `DASD_JAX_KILL_AFTER=N`: the N-th tick of the process;
+- `DASD_JAX_KILL_AFTER=N@STEP`: the N-th tick while pipeline step STEP runs (the manifest's
+  step names: sample, score, select, select_high_t, 1, 2, mixed_policy, 3, evaluate, export;
+  `pipeline.run_step` sets `faults.step`).
+
+`DASD_JAX_FAULT_TRACE=FILE` appends `STEP POINT` for every tick (with or without a kill), so
+a test can count a step's durable writes and aim its kill at the middle of the step.
 """
 
 from __future__ import annotations
@@ -17,29 +21,25 @@ import os
 import signal
 
 ENV = "DASD_JAX_KILL_AFTER"
-LOG_ENV = "DASD_JAX_KILL_LOG"
+TRACE_ENV = "DASD_JAX_FAULT_TRACE"
 POINTS = ("publish", "journal", "checkpoint")
 
+step = "-"  # the running pipeline step (set by pipeline.run_step)
 _count = 0
 
 
 def tick(point: str) -> None:
     """One durable write at `point` is complete; die here if this is the configured one."""
     global _count
-    spec = os.environ.get(ENV)
+    trace, spec = os.environ.get(TRACE_ENV), os.environ.get(ENV)
+    if trace:
+        with open(trace, "a", encoding="utf-8") as f:
+            f.write(f"{step} {point}\n")
     if not spec:
         return
-    n, _, only = spec.partition(":")
-    if only and only != point:
+    n, _, only = spec.partition("@")
+    if only and only != step:
         return
     _count += 1
     if _count == int(n):
-        if log := os.environ.get(LOG_ENV):
-            with open(log, "a", encoding="utf-8") as f:
-                f.write(f"{point} {_count} {os.getpid()}\n")
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def count() -> int:
-    """Ticks seen so far by this process (with `DASD_JAX_KILL_AFTER` set)."""
-    return _count

@@ -59,7 +59,7 @@ from typing import Any
 
 from etils import epath
 
-from dasd_jax import storage
+from dasd_jax import faults, storage
 from dasd_jax.config import Config, load_config, to_dict
 from dasd_jax.records import write_json
 
@@ -545,6 +545,7 @@ def run_step(
         "argv": sys.argv,
     }
     manifest.set(step.name, record)
+    faults.step = step.name
     try:
         summary = run(cfg)
     except BaseException as e:
