@@ -263,6 +263,15 @@ def parse_override(item: str) -> dict[str, Any]:
     return out
 
 
+def _yaml_reason(e: yaml.YAMLError) -> str:
+    """'line L, column C: problem' of a YAML error (1-based, as editors count)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=Config):
     """Defaults <- YAML file <- dotted overrides, validated against the dataclasses."""
     data: dict[str, Any] = {}
@@ -271,7 +280,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=C
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 (byte {e.start}: {e.reason})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_reason(e)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         data = loaded
@@ -282,7 +296,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=C
         over = _merge(over, parse_override(item))
     if over:
         merged = _merge(to_dict(cfg), over)
-        cfg = _build(cls, merged, "", "command line: " if not where else where)
+        # the file alone was valid (built above): what fails now is the overrides' doing
+        cfg = _build(cls, merged, "", f"command line (over {path}): " if path else "command line: ")
     return cfg
 
 

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from dasd_jax import storage
-from dasd_jax.records import BadRow
+from dasd_jax.records import BadRow, decode_line
 from dasd_jax.schema import Candidate, TokenScores
 
 FORMATS = ("sft", "candidates", "openai")
@@ -127,12 +127,16 @@ def input_files(spec: str | Path) -> list[str]:
     return [spec]
 
 
-def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, raw text) of each non-empty line, streaming."""
-    with storage.open_read(path) as f:
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str | bytes]]:
+    """(1-based line number, raw text) of each non-empty line, streaming; a line that is not
+    UTF-8 comes as its bytes, for `parse_line` to reject with its file and line."""
+    with storage.open_read(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             if raw.strip():
-                yield n, raw
+                try:
+                    yield n, raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    yield n, raw
 
 
 def count_lines(path: str | Path) -> int:
@@ -144,7 +148,9 @@ def count_lines(path: str | Path) -> int:
     return n
 
 
-def parse_line(raw: str, path: str | Path, line: int) -> dict[str, Any]:
+def parse_line(raw: str | bytes, path: str | Path, line: int) -> dict[str, Any]:
+    if isinstance(raw, bytes):  # not UTF-8 (iter_lines)
+        raw = decode_line(raw, path, line)
     try:
         row = json.loads(raw)
     except ValueError as e:

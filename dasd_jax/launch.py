@@ -56,6 +56,11 @@ def _help_epilog() -> str:
         "",
         "overrides: dotted keys, e.g. student.path=/ckpt/Qwen3-4B mesh.fsdp=4",
         "with no --config and no overrides, a stage runs on the embedded tiny default",
+        "",
+        "security: evaluate.scorer=package.module:function imports and runs that function,",
+        "  named by the config, in worker processes with your privileges: run only configs",
+        "  you trust (docs/evaluate.md)",
+        "one run at a time per run_dir: a second launcher on it stops at once (run_dir/.lock)",
     ]
     return "\n".join(lines)
 
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     maybe_initialize_distributed()
-    from dasd_jax import pipeline
+    from dasd_jax import pipeline, runlock
 
     try:
         if args.stage == "all":
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             step = pipeline.step_for(args.stage, cfg)
             summary = pipeline.run_step(cfg, step, stage_run(args.stage), force=args.force)
             print(json.dumps(summary, indent=2, default=str))
-    except pipeline.PipelineError as e:
+    except (pipeline.PipelineError, runlock.RunLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # 143 (128 + SIGTERM) tells launch/qr_resume.sh the stage stopped for a preemption and

@@ -43,6 +43,7 @@ has no rename); a kill in between leaves the step's manifest entry as it was, so
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import glob
 import hashlib
@@ -59,7 +60,7 @@ from typing import Any
 
 from etils import epath
 
-from dasd_jax import faults, storage
+from dasd_jax import faults, runlock, storage
 from dasd_jax.config import Config, load_config, to_dict
 from dasd_jax.records import write_json
 
@@ -511,10 +512,23 @@ def check_required(cfg: Config, step: Step) -> None:
             )
 
 
+def _lock(run_dir: str) -> contextlib.AbstractContextManager:
+    """The run directory's lock (`runlock`), held by process 0 (the manifest's writer)."""
+    return runlock.hold(run_dir) if _is_writer() else contextlib.nullcontext()
+
+
 def run_step(
     cfg: Config, step: Step, run: Callable[[Config], dict], *, force: bool = False
 ) -> dict[str, Any]:
-    """Run one step with its manifest bookkeeping; returns the stage's summary."""
+    """Run one step with its manifest bookkeeping; returns the stage's summary. Refuses
+    (`runlock.RunLocked`) while another process holds the run directory."""
+    with _lock(cfg.run_dir):
+        return _run_step(cfg, step, run, force=force)
+
+
+def _run_step(
+    cfg: Config, step: Step, run: Callable[[Config], dict], *, force: bool = False
+) -> dict[str, Any]:
     manifest = Manifest(cfg.run_dir)
     entry = manifest.entry(step.name)
     if entry and entry.get("status") == "complete":
@@ -532,6 +546,12 @@ def run_step(
         elif force:
             _move_aside(OUTPUTS.get(step.stage, lambda c: [])(cfg))
     check_required(cfg, step)
+    if _is_writer():  # what a killed earlier attempt left half-written
+        swept = storage.sweep_temporaries(cfg.run_dir, recursive=False)  # the manifest's
+        for out in OUTPUTS.get(step.stage, lambda c: [])(cfg):
+            swept += storage.sweep_temporaries(out)
+        if swept:
+            log.info("step %s: removed %d temporaries of a killed run", step.name, len(swept))
     inputs = [fingerprint(p) for p in INPUTS.get(step.stage, lambda c: [])(cfg)]
     started, t0 = _now(), time.perf_counter()
     record = {
@@ -577,8 +597,21 @@ def run_all(
     *,
     force: bool = False,
 ) -> dict[str, Any]:
-    """`--stage=all`: every step in order, skipping complete ones; the summary of the run."""
+    """`--stage=all`: every step in order, skipping complete ones; the summary of the run.
+    The run directory is locked for the whole run (`runlock`)."""
     base = load_config(config_path, overrides)
+    with _lock(base.run_dir):
+        return _run_all(base, config_path, overrides, stage_fn, force=force)
+
+
+def _run_all(
+    base: Config,
+    config_path: str | None,
+    overrides: list[str],
+    stage_fn: Callable[[str], Callable[[Config], dict]],
+    *,
+    force: bool,
+) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     forced_from: str | None = None

@@ -42,6 +42,17 @@ class BadRow(ValueError):
         super().__init__(f"{path}:{line}: {reason}")
 
 
+def decode_line(raw: bytes, path: str | Path, line: int) -> str:
+    """One line read as bytes, as text; a line that is not UTF-8 is a `BadRow` naming the
+    offending byte and its column (so `on_bad_row=skip` counts it like any bad row)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        byte = raw[e.start : e.start + 1].hex()
+        reason = f"not UTF-8: byte 0x{byte} at column {e.start + 1} ({e.reason})"
+        raise BadRow(path, line, reason) from None
+
+
 @dataclass(frozen=True)
 class BadRowPolicy:
     """What a stage does with a row it cannot use (the `bad_rows` config section).
@@ -143,16 +154,17 @@ def iter_jsonl(
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
     path = os.fspath(path)
-    with storage.open_read(path) as f:  # FileNotFoundError naming the file
+    # bytes, decoded line by line: a non-UTF-8 line is one bad row, not a crash mid-file
+    with storage.open_read(path, "rb") as f:  # FileNotFoundError naming the file
         for n, raw in enumerate(f, start=1):
             if n < start_line or not raw.strip():
                 continue
             try:
-                row = json.loads(raw)
+                row = json.loads(decode_line(raw, path, n))
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object, got {type(row).__name__}")
             except ValueError as e:
-                err = BadRow(path, n, f"malformed JSON: {e}")
+                err = e if isinstance(e, BadRow) else BadRow(path, n, f"malformed JSON: {e}")
                 if on_bad == "error":
                     raise err from None
                 if rejected is not None:

@@ -42,6 +42,7 @@ import contextlib
 import fnmatch
 import io
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -147,22 +148,70 @@ def atomic_path(path: PathLike) -> Iterator[str]:
                 os.unlink(tmp)
         return
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    with _naming(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
     try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)  # the content reaches the disk before the rename
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        with _naming(path):  # the writer's own OSError (disk full, quota) names the file
+            yield tmp
+            fd = os.open(tmp, os.O_RDONLY)  # the content reaches the disk before the rename
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
         faults.tick("publish")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def _naming(path: PathLike) -> Iterator[None]:
+    """An OSError without a file name (ENOSPC from write(), EDQUOT from close()) re-raised as
+    the same error type and errno naming `path`: "No space left on device" alone does not say
+    which disk."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        where = os.fspath(path)
+        raise type(e)(e.errno, f"{e.strerror or e} (writing {where})", where) from e
+
+
+# `atomic_path`'s temporaries: `.NAME.XXXXXXXX.tmp` (mkstemp) and `.NAME.<uuid hex>.tmp` (gs://)
+_TEMPORARY = re.compile(r"^\..+\.(?:[a-z0-9_]{8}|[0-9a-f]{32})\.tmp$")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of `atomic_path`'s temporaries (a write that never finished
+    when its process was killed: `atomic_path` removes its own on any exception)."""
+    return bool(_TEMPORARY.match(os.path.basename(name)))
+
+
+def sweep_temporaries(path: PathLike, recursive: bool = True) -> list[str]:
+    """Delete `atomic_path` temporaries under folder `path` (or beside file `path`), local or
+    gs://; returns what was deleted. Only for a folder no live process writes to (the run
+    lock's holder sweeps its step's outputs when the step starts)."""
+    path = os.fspath(path)
+    if not isdir(path):
+        if recursive:  # a file output (e.g. stage1/final.json): its folder, not below it
+            return sweep_temporaries(os.path.dirname(path.rstrip("/")), recursive=False)
+        return []
+    if recursive:
+        names = walk_files(path)
+    else:
+        names = [p.name for p in as_path(path).iterdir() if not p.is_dir()]
+    gone = []
+    for rel in names:
+        if is_temporary(rel):
+            full = join(path, *rel.split("/"))
+            unlink(full)
+            gone.append(full)
+    return gone
 
 
 def _publish_remote(local_file: str, dst: epath.Path) -> None:
@@ -244,7 +293,24 @@ def local_dir(path: PathLike) -> str:
     if not is_remote(path):
         return path
     scheme, rest = path.split("://", 1)
-    local = os.path.join(cache_root(), "remote", scheme, *[p for p in rest.split("/") if p])
+    parts: list[str] = []
+    for p in rest.split("/"):  # `..` resolved as the store would; never above the bucket
+        if p in ("", "."):
+            continue
+        if p == "..":
+            if len(parts) <= 1:
+                raise ValueError(f"{path}: '..' climbs out of the bucket")
+            parts.pop()
+        else:
+            parts.append(p)
+    if not parts or not scheme.isalnum():
+        raise ValueError(f"{path}: not a bucket path")
+    base = os.path.join(cache_root(), "remote")
+    local = os.path.join(base, scheme, *parts)
+    if os.path.commonpath([os.path.realpath(base), os.path.realpath(local)]) != os.path.realpath(
+        base
+    ):
+        raise ValueError(f"{path}: its cache mirror {local} would lie outside {base}")
     os.makedirs(local, exist_ok=True)
     return local
 
@@ -281,6 +347,9 @@ def download_dir(src: PathLike, skip: tuple[str, ...] = ()) -> str:
     whose name matches none of the `skip` patterns is copied to `local_dir(src)` unless a
     copy of the same size is there. For model folders read by local-only libraries
     (tokenizers, config.json)."""
+    if not isdir(src):
+        what = "is not a folder" if exists(src) else "does not exist"
+        raise FileNotFoundError(f"model folder {os.fspath(src)} {what}")
     if not is_remote(src):
         return os.fspath(src)
     local = local_dir(src)

@@ -452,7 +452,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     folder = Path(path)
-    if not folder.is_dir() or not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+    if not folder.exists():
+        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{str(folder)!r} is a file: a model path names its folder")
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         raise FileNotFoundError(
             f"no tokenizer files in {str(folder)!r} (expected one of {', '.join(_TOKENIZER_FILES)})"
         )
