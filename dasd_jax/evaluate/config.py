@@ -26,7 +26,8 @@ class EvaluateConfig:
     answer_field: str = "answer"
     id_field: str = "id"  # rows without one are named by their line number
     prompt_template: str = "{problem}"  # the user message; "{problem}" is replaced (no format)
-    scorer: str = "math"  # math | choice | "package.module:function" (docs/evaluate.md)
+    # math | choice | "package.module:function": imports and runs that code (docs/evaluate.md)
+    scorer: str = "math"
     # base | stage1 | stage2 | stage3 | a Hugging Face folder | label=folder;
     # empty = every one of base, stage1, stage2, stage3 that exists
     checkpoints: tuple[str, ...] = ()
@@ -38,7 +39,7 @@ class EvaluateConfig:
     slots: int = 0  # concurrent decodes; 0 = sample.slots
     pass_k: tuple[int, ...] = (1, 8, 64)  # unbiased pass@k reported for each (each <= k)
     limit: int = 0  # first N problems of each benchmark; 0 = all
-    verify_timeout_s: float = 10.0  # per sample, for the scorer (math-verify)
+    verify_timeout_s: float = 10.0  # per sample, for the scorer (+ 2 s, then killed: timeout)
     score_workers: int = 2  # scorer processes (survive math-verify hangs); 0 = in this process
     problems_per_shard: int = 8  # problems per resumable part file
     response_tail_chars: int = 2000  # characters of each response kept; -1 = all, 0 = none

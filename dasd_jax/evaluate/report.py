@@ -1,10 +1,12 @@
 """The evaluate stage's human report: a checkpoints x benchmarks table and a plot.
 
 Consumes the stage's `results.json` content (`table[checkpoint][benchmark]` with avg@k,
-stderr, pass@k, mean length, truncation rate); produces `report.md` (avg@k in percent with its
-standard error, as in the paper's ablation table, then pass@k, lengths and truncation) and
-`avg_at_k.png` (avg@k per checkpoint, one bar per benchmark, +-1 standard error; matplotlib
-Agg, no screen). Both are written atomically.
+stderr, pass@k, mean length, truncation rate, samples not judged); produces `report.md` (avg@k
+in percent with its standard error, as in the paper's ablation table, a warning under it for
+every pair with samples not judged, then pass@k, lengths and truncation) and `avg_at_k.png`
+(avg@k per checkpoint, one bar per benchmark, +-1 standard error; matplotlib Agg, no screen).
+Both are written atomically. `not_judged_note` is the one wording of that warning (also in
+summary.json and the log).
 """
 
 from __future__ import annotations
@@ -16,12 +18,41 @@ import numpy as np
 from dasd_jax.records import atomic_write
 
 PLOT = "avg_at_k.png"
+# what results.json's table holds per pair (a summary.json written before a key existed: None)
+TABLE_KEYS = (
+    "avg@k",
+    "stderr",
+    "pass@k",
+    "mean_length",
+    "truncation_rate",
+    "problems",
+    "samples",
+    "not_judged",
+    "timeouts",
+    "judge_errors",
+    "avg@k_upper",
+)
 
 
 def _pct(x: float | None, err: float | None = None) -> str:
     if x is None:
         return "-"
     return f"{100 * x:.1f}" + ("" if err is None else f" ± {100 * err:.1f}")
+
+
+def not_judged_note(s: dict) -> str | None:
+    """Why a pair's avg@k is a lower bound, when some of its samples were not judged."""
+    n = s.get("not_judged") or 0
+    if not n:
+        return None
+    timeouts = s.get("timeouts") or 0
+    errors = sum((s.get("judge_errors") or {}).values()) - timeouts
+    upper = "" if s.get("avg@k_upper") is None else f", at most {_pct(s['avg@k_upper'])}%"
+    return (
+        f"{n} of {s.get('samples', '?')} samples not judged ({timeouts} timeouts, {errors} "
+        f"scorer errors, {n - timeouts - errors} the scorer could not judge), counted as not "
+        f"correct: avg@k {_pct(s['avg@k'])}% is a lower bound{upper} if all were correct"
+    )
 
 
 def markdown(results: dict, images: list[str]) -> str:
@@ -39,9 +70,16 @@ def markdown(results: dict, images: list[str]) -> str:
         head,
         rule,
     ]
+    notes = []
     for ck, row in table.items():
         cells = [_pct(row[b]["avg@k"], row[b]["stderr"]) for b in benches]
+        for j, b in enumerate(benches):
+            if note := not_judged_note(row[b]):
+                cells[j] += " ⚠"
+                notes.append(f"- ⚠ **{ck} / {b}**: {note}.")
         lines.append(f"| {ck} | " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", "**Samples not judged** (timeouts are not wrong answers):", "", *notes]
     lines += ["", "## pass@k (%)", ""]
     for b in benches:
         ks = list(next(iter(table.values()))[b]["pass@k"])

@@ -20,8 +20,14 @@ Built in (`evaluate.scorer`):
 Code execution (LiveCodeBench) is out of scope: plug a sandboxed runner in as a custom hook.
 
 `judge_all` runs a scorer over many samples in worker processes (`select.filters.
-map_with_timeout`): a check that hangs (math-verify on a pathological expression) is killed
-after its time limit and counted as not judged, never stalling the stage.
+map_with_timeout`): a check that hangs (math-verify on a pathological expression, a hook that
+never returns) is killed after its time limit and counted as a timeout, not judged, never
+stalling the stage; a scorer that raises TimeoutError (math-verify's own limits fire as
+`filters.VerifyTimeout`) is a timeout too, never a wrong answer. Each worker imports the hook
+(and math-verify) before it takes a sample, so no sample's limit pays for imports.
+
+Security: a "module:function" scorer is code named by the config; it is imported and run in
+the worker processes (and once in the stage's process, to check it) with the user's rights.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from dasd_jax.select.filters import (
     extract_final_answer,
     import_math_verify,
     map_with_timeout,
+    run_item,
     verify_answer,
 )
 from dasd_jax.select.sentences import THINK_CLOSE, THINK_OPEN
@@ -66,7 +73,8 @@ def final_math_answer(response: str) -> str | None:
 def math_scorer(
     response: str, gold: Any, row: dict | None = None, timeout_s: float | None = 10.0
 ) -> bool | None:
-    """math-verify equivalence of the final answer with `gold`; None if gold does not parse."""
+    """math-verify equivalence of the final answer with `gold`; None if gold does not parse;
+    raises `filters.VerifyTimeout` when math-verify's own time limit fires (not judged)."""
     if gold is None or not str(gold).strip():
         return None
     pred = final_math_answer(response)
@@ -138,32 +146,35 @@ def judge(spec: str, timeout_s: float | None, response: str, gold: Any, row: dic
     return verdict
 
 
+def start_worker(spec: str, timeout_s: float | None) -> None:
+    """A scorer process's initializer: import math-verify and the hook before any sample."""
+    if spec == "math":
+        import_math_verify()
+    _cached(spec, timeout_s)
+
+
 def judge_all(
     spec: str,
     items: Sequence[tuple[str, Any, dict]],
     timeout_s: float,
     workers: int = 2,
 ) -> list[tuple[str, bool | None]]:
-    """(status, verdict) per (response, gold, row): status "ok", "timeout" or "error" (the
-    verdict is then the error's text). workers=0 judges in this process (math-verify's own
-    time limits only; a hang in C code would stall the stage)."""
+    """(status, verdict) per (response, gold, row): status "ok", "timeout" (killed past
+    `timeout_s` + 2 s, or the scorer raised TimeoutError) or "error" (the verdict is then the
+    detail). workers=0 judges in this process (math-verify's own time limits only; a hang in C
+    code would stall the stage)."""
     if not items:
         return []
     resolve_scorer(spec, timeout_s)  # a bad hook fails here, once, with its name
+    args = [(spec, timeout_s, r, g, row) for r, g, row in items]
     if workers == 0:
-        out: list[tuple[str, Any]] = []
-        for response, gold, row in items:
-            try:
-                out.append(("ok", judge(spec, timeout_s, response, gold, row)))
-            except Exception as e:  # noqa: BLE001 - one bad sample must not stop the stage
-                out.append(("error", repr(e)))
-        return out
+        return [run_item(judge, a) for a in args]
     return map_with_timeout(
         judge,
-        [(spec, timeout_s, r, g, row) for r, g, row in items],
+        args,
         timeout_s + 2.0,  # math-verify's own limits get to fire first
         workers,
-        initializer=import_math_verify if spec == "math" else None,
+        initializer=functools.partial(start_worker, spec, timeout_s),
     )
 
 

@@ -60,6 +60,7 @@ from dasd_jax import storage
 from dasd_jax.config import Config
 from dasd_jax.evaluate import metrics
 from dasd_jax.evaluate.config import CHECKPOINT_NAMES
+from dasd_jax.evaluate.report import TABLE_KEYS, not_judged_note
 from dasd_jax.evaluate.scorers import judge_all, resolve_scorer
 from dasd_jax.progress import Progress
 from dasd_jax.records import BadRow, iter_jsonl, shard_name, write_json, write_jsonl
@@ -399,13 +400,18 @@ def _answer(c) -> _Answer:
 
 
 def summarize_pair(rows: Sequence[dict], pass_k: Sequence[int]) -> dict:
-    """A pair's metrics from its samples.jsonl rows."""
+    """A pair's metrics from its samples.jsonl rows. A sample not judged (timeout, scorer
+    error, or None) counts as not correct in avg@k and pass@k; `avg@k_upper` counts it as
+    correct, and `warning` (only when some are not judged) says so (docs/evaluate.md)."""
     agg = metrics.aggregate([r["k"] for r in rows], [r["n_correct"] for r in rows], pass_k)
+    upper = metrics.aggregate(
+        [r["k"] for r in rows], [r["k"] - r["correct"].count(False) for r in rows], ()
+    )
     lengths = [n for r in rows for n in r["lengths"]]
     reasons = Counter(f for r in rows for f in r["finish_reasons"])
     verdicts = [v for r in rows for v in r["correct"]]
     errors = Counter(e.split(":")[0] for r in rows for e in r.get("judge_errors", {}).values())
-    return {
+    summary = {
         "problems": agg["problems"],
         "samples": len(verdicts),
         "avg@k": agg["avg"],
@@ -415,8 +421,13 @@ def summarize_pair(rows: Sequence[dict], pass_k: Sequence[int]) -> dict:
         "truncation_rate": reasons.get("length", 0) / len(lengths) if lengths else 0.0,
         "finish_reasons": dict(reasons),
         "not_judged": sum(v is None for v in verdicts),
+        "timeouts": errors.get("timeout", 0),
         "judge_errors": dict(errors),
+        "avg@k_upper": upper["avg"],
     }
+    if note := not_judged_note(summary):
+        summary["warning"] = note
+    return summary
 
 
 def _pair_done(pair_dir: Path | epath.Path, settings: dict) -> dict | None:
@@ -545,6 +556,8 @@ def run(cfg: Config) -> dict:
                     s["mean_length"],
                     100 * s["truncation_rate"],
                 )
+                if s.get("warning"):
+                    log.warning("evaluate: %s/%s: %s", ck.name, bench.name, s["warning"])
             _sync(f"dasd_jax evaluate {ck.name}/{bench.name} done")
         del sampler
     progress.report()
@@ -555,11 +568,7 @@ def run(cfg: Config) -> dict:
 
     table = {
         ck.name: {
-            b.name: {
-                k: summaries[ck.name, b.name][k]
-                for k in ("avg@k", "stderr", "pass@k", "mean_length", "truncation_rate", "problems")
-            }
-            for b in benchmarks
+            b.name: {k: summaries[ck.name, b.name].get(k) for k in TABLE_KEYS} for b in benchmarks
         }
         for ck in checkpoints
     }

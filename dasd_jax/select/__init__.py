@@ -25,6 +25,7 @@ from dasd_jax.select.das import (
 from dasd_jax.select.filters import (
     FilterConfig,
     FilterInput,
+    VerifyTimeout,
     apply_filters,
     check_length,
     check_repetition,
@@ -34,6 +35,7 @@ from dasd_jax.select.filters import (
     filter_batch,
     harmony_to_think,
     map_with_timeout,
+    run_item,
     think_to_harmony,
     verify_answer,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "Selection",
     "SentenceKind",
     "SplitterConfig",
+    "VerifyTimeout",
     "apply_filters",
     "assign_tokens",
     "check_length",
@@ -63,6 +66,7 @@ __all__ = [
     "map_with_timeout",
     "rank_candidates",
     "response_stats",
+    "run_item",
     "score_response",
     "select",
     "sentence_logprob_means",

@@ -19,22 +19,28 @@ for the stage report. Each filter can be switched off, and adds at most one reas
 * ``answer`` (default off: the paper does not say whether answers were checked): the final
   answer after ``</think>`` (last ``\\boxed{}`` preferred, else the whole answer) must be
   equivalent to ``reference_answer`` under math-verify -> ``wrong_answer``; a check that runs
-  past its time limit -> ``answer_timeout``; a crash -> ``answer_error``. Records without a
-  reference answer (code, instruction following) are not checked. It runs only on records
-  that passed the other filters, because it is by far the slowest.
+  past its time limit (ours, or one of math-verify's own: not judged, never counted as wrong)
+  -> ``answer_timeout``; a crash -> ``answer_error``. Records without a reference answer
+  (code, instruction following) are not checked. It runs only on records that passed the
+  other filters, because it is by far the slowest.
+
+``map_with_timeout`` runs such checks (and the evaluate stage's scorers) in worker processes
+with a hard limit per item that process starts are never charged to.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
+import logging
 import math
 import multiprocessing
+import multiprocessing.connection as mp_connection
 import re
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +48,8 @@ import numpy as np
 
 from dasd_jax.models.harmony import harmony_to_think  # noqa: F401 (the one harmony parser)
 from dasd_jax.select.sentences import THINK_CLOSE, THINK_OPEN
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TOOL_MARKERS = (
     "<tool_call>",
@@ -255,25 +263,139 @@ def import_math_verify() -> None:
     import math_verify  # noqa: F401
 
 
+class VerifyTimeout(TimeoutError):
+    """math-verify's own time limit fired (a parse or the comparison): the answer is not
+    judged, neither right nor wrong. A TimeoutError, so ``run_item`` reports "timeout"."""
+
+
 def verify_answer(gold: str, pred: str, timeout_s: float | None = 10.0) -> bool | None:
     """math-verify ``verify(parse(gold), parse(pred))``; None when ``gold`` cannot be parsed
-    (such a record cannot be checked and is kept).
+    (such a record cannot be checked and is kept). Raises ``VerifyTimeout`` when one of
+    math-verify's own time limits fires and no comparison that finished says equivalent.
 
-    math-verify's own time limits (a third of ``timeout_s`` for each of the two parses and the
-    comparison; when one fires it answers "not equivalent") use ``signal.alarm``, which only
-    works in a main thread: elsewhere they are off, and the caller must bound the time, as
-    ``filter_batch`` does with worker processes.
+    Those limits (a third of ``timeout_s`` for each of the two parses and for each compared
+    pair) use ``signal.alarm``, which only works in a main thread: elsewhere they are off, and
+    the caller must bound the time, as ``filter_batch`` does with worker processes. Left to
+    itself math-verify answers "not equivalent" when one fires, which would count an unjudged
+    answer as wrong: we ask it to raise (``raise_on_error``) and tell timeouts apart.
     """
     from math_verify import parse, verify  # heavy (sympy): imported where it is used
+    from math_verify.errors import TimeoutException
 
     seconds = None
     if timeout_s is not None and threading.current_thread() is threading.main_thread():
         seconds = max(1, math.floor(timeout_s / 3))  # signal.alarm takes whole seconds
-    gold_parsed = parse(_as_latex(gold), parsing_timeout=seconds)
+
+    def parsed(text: str, what: str) -> list:
+        try:
+            return parse(text, parsing_timeout=seconds, raise_on_error=True)
+        except TimeoutException:
+            raise VerifyTimeout(f"math-verify: parsing the {what} took over {seconds} s") from None
+        except Exception:  # noqa: BLE001 - what math-verify itself does: nothing parsed
+            return []
+
+    gold_parsed = parsed(_as_latex(gold), "reference answer")
     if not gold_parsed:
         return None
-    pred_parsed = parse(pred, parsing_timeout=seconds)
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=seconds))
+    timed_out = False
+    for g, p in itertools.product(gold_parsed, parsed(pred, "answer")):  # math-verify's order
+        try:
+            if verify(g, p, timeout_seconds=seconds, raise_on_error=True):
+                return True
+        except TimeoutException:
+            timed_out = True
+        except Exception:  # noqa: BLE001 - math-verify's own answer: not equivalent
+            pass
+    if timed_out:
+        raise VerifyTimeout(f"math-verify: comparing the answers took over {seconds} s")
+    return False
+
+
+# ------------------------------------------------------------------ bounded worker calls
+
+
+def run_item(fn: Callable[..., Any], a: Sequence) -> tuple[str, Any]:
+    """``fn(*a)`` as ``(status, value)``: "ok" and its result; "timeout" when fn raises a
+    TimeoutError (its own limit fired, e.g. ``VerifyTimeout``: not judged, not wrong); "error"
+    with the exception's repr."""
+    try:
+        return "ok", fn(*a)
+    except TimeoutError as e:
+        return "timeout", repr(e)
+    except Exception as e:  # noqa: BLE001 - one bad item must not stop the others
+        return "error", repr(e)
+
+
+def _worker_main(conn: Any, fn: Callable[..., Any], initializer: Callable[[], None] | None) -> None:
+    # The parent sends an item only to a worker that said "ready", one at a time, so an
+    # item's clock starts when it is sent, never while a process starts or imports.
+    try:
+        if initializer is not None:
+            initializer()
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("init_error", repr(e)))
+        return
+    conn.send(("ready",))
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if task is None:
+            return
+        i, a = task
+        status, value = run_item(fn, a)
+        try:
+            conn.send(("done", i, status, value))
+        except Exception as e:  # noqa: BLE001 - e.g. a result that cannot be pickled
+            conn.send(("done", i, "error", f"cannot send the result back: {e!r}"))
+
+
+@dataclass
+class _Worker:
+    proc: Any  # multiprocessing.Process
+    conn: Any  # the parent's end of its pipe
+    started: float  # time.monotonic() at the start
+    ready: bool = False
+    item: int | None = None  # the item it runs
+    deadline: float = math.inf  # of that item
+
+
+def _start(ctx: Any, fn: Callable[..., Any], initializer: Callable[[], None] | None) -> _Worker:
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_worker_main, args=(child, fn, initializer), name="dasd-worker")
+    proc.start()
+    child.close()  # the child's end lives in the child only: its death reads as EOF here
+    return _Worker(proc, conn, time.monotonic())
+
+
+def _stop(w: _Worker, kill: bool) -> None:
+    if kill and w.proc.is_alive():
+        w.proc.kill()  # a process stuck in C code cannot be interrupted otherwise
+    w.proc.join(timeout=5)
+    if w.proc.is_alive():
+        w.proc.kill()
+        w.proc.join(timeout=5)
+    w.conn.close()
+
+
+def _receive(w: _Worker, results: list, starts: list[float]) -> bool:
+    """Read what ``w`` sent; False when its process is gone."""
+    try:
+        while w.conn.poll():
+            msg = w.conn.recv()
+            if msg[0] == "ready":
+                w.ready = True
+                starts.append(time.monotonic() - w.started)
+            elif msg[0] == "init_error":
+                raise RuntimeError(f"a worker process failed to start: {msg[1]}")
+            else:
+                _, i, status, value = msg
+                results[i] = (status, value)
+                w.item, w.deadline = None, math.inf
+    except (EOFError, OSError):
+        return False
+    return w.proc.is_alive()
 
 
 def map_with_timeout(
@@ -287,70 +409,88 @@ def map_with_timeout(
     mp_context: str = "spawn",
 ) -> list[tuple[str, Any]]:
     """Run ``fn(*a)`` for each ``a`` in worker processes; ``(status, value)`` per item in
-    order, status ``"ok"``, ``"timeout"`` or ``"error"`` (value: the exception's repr).
+    order, status "ok", "timeout" (killed past ``timeout_s``, or fn raised a TimeoutError) or
+    "error" (value: the exception's repr; "worker process died").
 
-    At most ``workers`` items are in flight, so an item starts when it is submitted and its
-    deadline (``timeout_s`` after that) is exact; the first ``workers`` items of a fresh pool
-    get ``startup_s`` more, as they wait for a process to start (and run ``initializer``).
-    An item past its deadline is abandoned by killing the pool (a process stuck in C code
-    cannot be interrupted otherwise); the other in-flight items are rerun in a fresh pool.
-    "spawn" avoids forking a parent that holds JAX threads.
+    Each item costs at most ``timeout_s`` (plus the kill, well under a second), whatever fn
+    does: a worker is sent one item at a time and only once it has started and run
+    ``initializer`` (imports), so the item's clock starts when it is sent. An item past its
+    deadline is abandoned by killing its worker alone (a process stuck in C code cannot be
+    interrupted otherwise); a fresh one takes its place, while the others go on. Starting a
+    process is not charged to any item: it is bounded by ``startup_s`` per start (a worker
+    that fails to start, or is not ready within it, raises RuntimeError), and the number and
+    slowest start are logged with the timeouts. "spawn" avoids forking a parent that holds JAX
+    threads.
     """
+    if workers < 1:
+        raise ValueError(f"map_with_timeout needs workers >= 1, got {workers}")
     results: list[tuple[str, Any] | None] = [None] * len(args)
-    todo = list(range(len(args)))[::-1]  # a stack: pop() takes items in order
+    todo = collections.deque(range(len(args)))
     ctx = multiprocessing.get_context(mp_context)
-    while todo:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer)
-        in_flight: dict[Any, tuple[int, float]] = {}
-        n_submitted = 0
-        killed = False
-        try:
-            while (todo or in_flight) and not killed:
-                while todo and len(in_flight) < workers:
-                    i = todo.pop()
-                    grace = startup_s if n_submitted < workers else 0.0
-                    deadline = time.monotonic() + timeout_s + grace
-                    in_flight[pool.submit(fn, *args[i])] = (i, deadline)
-                    n_submitted += 1
-                next_deadline = min(deadline for _, deadline in in_flight.values())
-                done, _ = wait(
-                    in_flight,
-                    timeout=max(0.0, next_deadline - time.monotonic()),
-                    return_when=FIRST_COMPLETED,
-                )
-                for fut in done:
-                    i, _ = in_flight.pop(fut)
-                    exc = fut.exception()
-                    if exc is None:
-                        results[i] = ("ok", fut.result())
-                    elif isinstance(exc, BrokenProcessPool):
-                        results[i] = ("error", "worker process died")
-                    else:
-                        results[i] = ("error", repr(exc))
+    pool: list[_Worker] = []
+    starts: list[float] = []  # seconds each worker took to be ready
+    n_killed = 0
+    try:
+        while todo or any(w.item is not None for w in pool):
+            busy = sum(w.item is not None for w in pool)
+            while len(pool) < min(workers, busy + len(todo)):
+                pool.append(_start(ctx, fn, initializer))
+            for w in pool:
+                if w.ready and w.item is None and todo:
+                    i = todo.popleft()
+                    try:
+                        w.conn.send((i, args[i]))
+                    except Exception as e:  # noqa: BLE001 - arguments that cannot be pickled
+                        results[i] = ("error", f"cannot send the item: {e!r}")
+                        continue
+                    w.item, w.deadline = i, time.monotonic() + timeout_s
+            if not todo and not any(w.item is not None for w in pool):
+                break
+            next_at = min(w.deadline if w.ready else w.started + startup_s for w in pool)
+            mp_connection.wait(
+                [w.conn for w in pool] + [w.proc.sentinel for w in pool],
+                timeout=max(0.0, next_at - time.monotonic()),
+            )
+            for w in list(pool):
+                alive = _receive(w, results, starts)
                 now = time.monotonic()
-                late = [fut for fut, (_, deadline) in in_flight.items() if deadline <= now]
-                for fut in late:
-                    i, _ = in_flight.pop(fut)
-                    results[i] = ("timeout", None)
-                if late:
-                    killed = True
-                    todo.extend(i for i, _ in in_flight.values())  # rerun: not their fault
-                    in_flight.clear()
-                    _kill_workers(pool)
-        finally:
-            pool.shutdown(wait=not killed, cancel_futures=True)
+                if alive and w.item is not None and now >= w.deadline:
+                    results[w.item] = ("timeout", None)
+                    n_killed += 1
+                elif alive and not w.ready and now >= w.started + startup_s:
+                    raise RuntimeError(
+                        f"a worker process was not ready within startup_s={startup_s:g} s"
+                    )
+                elif alive:
+                    continue
+                elif not w.ready:
+                    raise RuntimeError(
+                        f"a worker process exited while starting (exit code {w.proc.exitcode})"
+                    )
+                elif w.item is not None:
+                    results[w.item] = ("error", "worker process died")
+                pool.remove(w)
+                _stop(w, kill=True)
+    finally:
+        for w in pool:
+            if w.ready and w.item is None:
+                try:
+                    w.conn.send(None)  # done: exit
+                except OSError:
+                    pass
+        for w in pool:
+            _stop(w, kill=not (w.ready and w.item is None))
+    if n_killed:
+        log.warning(
+            "%d of %d items ran past %g s and were killed (not judged); %d worker starts, "
+            "slowest %.1f s (not charged to any item)",
+            n_killed,
+            len(args),
+            timeout_s,
+            len(starts),
+            max(starts, default=0.0),
+        )
     return [r for r in results if r is not None]
-
-
-def _kill_workers(pool: ProcessPoolExecutor) -> None:
-    if hasattr(pool, "terminate_workers"):  # Python >= 3.14
-        pool.terminate_workers()
-        return
-    # Before 3.14 there is no public way to stop a running task: kill its processes.
-    procs = getattr(pool, "_processes", None) or {}
-    for proc in list(procs.values()):
-        proc.kill()
-        proc.join(timeout=5)
 
 
 def _answer_reason(status: str, verdict: bool | None) -> str | None:
@@ -390,10 +530,7 @@ def apply_filters(rec: FilterInput, cfg: FilterConfig | None = None) -> list[str
     reasons = cheap_reasons(rec, cfg)
     job = None if reasons else _answer_job(rec, cfg)
     if job is not None:
-        try:
-            status, verdict = "ok", verify_answer(*job, timeout_s=cfg.answer_timeout_s)
-        except Exception:  # noqa: BLE001 - one bad record must not stop the stage
-            status, verdict = "error", None
+        status, verdict = run_item(verify_answer, (*job, cfg.answer_timeout_s))
         if (r := _answer_reason(status, verdict)) is not None:
             reasons.append(r)
     return reasons
@@ -403,7 +540,8 @@ def filter_batch(
     records: Sequence[FilterInput], cfg: FilterConfig | None = None
 ) -> list[list[str]]:
     """``apply_filters`` for many records; the answer checks run in ``cfg.answer_workers``
-    worker processes with a hard limit of ``cfg.answer_timeout_s`` + 2 s per item."""
+    worker processes (``map_with_timeout``) with a hard limit of ``cfg.answer_timeout_s`` + 2 s
+    per item, process starts not included."""
     cfg = cfg or FilterConfig()
     reasons = [cheap_reasons(rec, cfg) for rec in records]
     jobs = [(i, _answer_job(rec, cfg)) for i, rec in enumerate(records) if not reasons[i]]

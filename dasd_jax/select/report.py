@@ -111,6 +111,18 @@ def plots(out_dir: str | Path, summary: dict, seen: list, kept: dict, acc) -> li
     return made
 
 
+def timeout_note(filter_counts: dict[str, int]) -> str | None:
+    """The warning for candidates whose answer check ran out of time (None if there are none)."""
+    n = filter_counts.get("answer_timeout", 0)
+    if not n:
+        return None
+    return (
+        f"{n} candidates were dropped as `answer_timeout`: their answer check (math-verify, "
+        "its own time limits included) did not finish, so they were not judged, not found "
+        "wrong; raise `filters.answer_timeout_s` to judge them"
+    )
+
+
 def _table(rows: dict[str, dict], head: str) -> list[str]:
     out = [f"| {head} | in | out |", "|---|---:|---:|"]
     out += [f"| {k} | {v['in']} | {v['out']} |" for k, v in rows.items()]
@@ -152,6 +164,7 @@ def markdown(summary: dict, images: list[str]) -> str:
         "|---|---:|",
         *[f"| {k} | {v} |" for k, v in s["filters"].items()],
         "",
+        *([f"⚠ {note}.", ""] if (note := timeout_note(s["filters"])) else []),
         "Not kept by selection: "
         + (", ".join(f"{k} {v}" for k, v in s["decisions"].items()) or "none")
         + ".",

@@ -451,3 +451,7 @@ def _print(summary: dict) -> None:
     print(f"{'domain @ temperature':<36}{'in':>8}{'out':>8}")
     for k, v in summary["rows"]["by_domain_temperature"].items():
         print(f"{k:<36}{v['in']:>8}{v['out']:>8}")
+    from dasd_jax.select.report import timeout_note
+
+    if note := timeout_note(summary["filters"]):
+        print(f"select: warning: {note}")
