@@ -139,6 +139,39 @@ class BadRows:
         )
 
 
+class EmptyInput(ValueError):
+    """An input that has no rows at all: a wrong path, glob or field, never a result."""
+
+
+def require_rows(rows: int, what: str) -> None:
+    """`EmptyInput` when a stage read 0 rows from `what` (its input, named by file or key):
+    a stage that "completes" on nothing would pass the empty result on to the next one."""
+    if rows == 0:
+        raise EmptyInput(
+            f"{what} has no rows: check the path (or glob) and that the file is not empty; "
+            f"a stage never completes on an empty input"
+        )
+
+
+class DuplicateIds:
+    """The first (file, line) of each id; a later row with an id already seen is a `BadRow`
+    "duplicate_id" naming both places (the first is kept: it is what resume and joins use)."""
+
+    def __init__(self, field: str):
+        self.field = field
+        self._first: dict[str, tuple[str, int]] = {}
+
+    def check(self, row_id: str, path: str | Path, line: int) -> None:
+        first = self._first.setdefault(str(row_id), (str(path), line))
+        if first != (str(path), line):
+            raise BadRow(
+                path,
+                line,
+                f"duplicate_id: {self.field}={row_id!r} was already read at "
+                f"{first[0]}:{first[1]} (that row is kept)",
+            )
+
+
 def iter_jsonl(
     path: str | Path,
     *,

@@ -246,3 +246,47 @@ def test_help_says_a_custom_scorer_runs_code_named_by_the_config(capsys):
         launch.main(["--help"])
     out = capsys.readouterr().out
     assert "evaluate.scorer=package.module:function imports and runs" in out
+
+
+def test_an_api_key_is_never_sent_in_clear_text_to_another_machine(monkeypatch):
+    from dasd_jax.sample.config import OpenAIConfig
+    from dasd_jax.sample.openai_client import OpenAIClient
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    for url in ("http://10.0.0.5:8000/v1", "http://teacher.example.com/v1"):
+        with pytest.raises(ValueError, match="would be sent in clear text"):
+            OpenAIClient(OpenAIConfig(base_url=url))
+    for url in ("http://127.0.0.1:8000/v1", "http://localhost:8000/v1", "https://x.example/v1"):
+        assert OpenAIClient(OpenAIConfig(base_url=url)).headers["Authorization"]
+    opted_in = OpenAIConfig(base_url="http://10.0.0.5:8000/v1", allow_plain_http_key=True)
+    assert OpenAIClient(opted_in).headers["Authorization"] == "Bearer sk-secret"
+    monkeypatch.delenv("OPENAI_API_KEY")  # no key, nothing to leak
+    assert "Authorization" not in OpenAIClient(OpenAIConfig(base_url="http://10.0.0.5/v1")).headers
+
+
+# ----------------------------------------------------------------------------- silent passes
+
+
+def test_select_on_an_empty_input_stops_instead_of_completing(tmp_path):
+    from dasd_jax.select import stage as select_stage
+
+    scored = tmp_path / "score"
+    scored.mkdir()
+    (scored / "part-000000.jsonl").write_text("")
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"select_stage.input={scored}"])
+    with pytest.raises(
+        records.EmptyInput, match=r"select_stage.input=.*score \(1 parts\) has no rows"
+    ):
+        select_stage.run(cfg)
+    assert not (tmp_path / "select" / "summary.json").exists()
+
+
+def test_duplicate_ids_name_both_places():
+    seen = records.DuplicateIds("uuid")
+    seen.check("a", "in.jsonl", 1)
+    seen.check("b", "in.jsonl", 2)
+    with pytest.raises(records.BadRow) as e:
+        seen.check("a", "more.jsonl", 7)
+    assert e.value.path == "more.jsonl" and e.value.line == 7
+    assert records.reason_key(e.value.reason) == "duplicate_id"
+    assert "already read at in.jsonl:1" in e.value.reason

@@ -29,6 +29,9 @@ class OpenAIConfig:
     backoff_s: float = 1.0  # first retry delay; doubles, with jitter
     max_backoff_s: float = 60.0
     top_logprobs: int = 0  # alternatives per token, kept in meta (0 = none)
+    # The key goes in a header: over plain http to another machine anyone on the path reads
+    # it. Refused unless the server is this machine (loopback) or this is set.
+    allow_plain_http_key: bool = False
 
     def __post_init__(self) -> None:
         if self.api not in ("completions", "chat"):

@@ -31,12 +31,15 @@ message as reason.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import ipaddress
 import json
 import logging
 import os
 import random
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +73,27 @@ class ServerError(RuntimeError):
         super().__init__(f"HTTP {status}: {message}" if status else message)
 
 
+def check_key_transport(base_url: str, key_env: str, allowed: bool) -> None:
+    """Refuse to send an API key in clear text to another machine: http:// is fine to a
+    loopback server (the key never leaves the host), https:// anywhere."""
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme == "https" or allowed:
+        return
+    host = (parts.hostname or "").lower()
+    loopback = host == "localhost"
+    with contextlib.suppress(ValueError):
+        loopback = loopback or ipaddress.ip_address(host).is_loopback
+    if parts.scheme == "http" and loopback:
+        return
+    raise ValueError(
+        f"sample.openai.base_url={base_url}: ${key_env} is set and would be sent in clear text "
+        f"over {parts.scheme or 'an unknown scheme'} to {host or 'an unknown host'}; use "
+        f"https://, a loopback URL (e.g. an SSH tunnel to 127.0.0.1), unset {key_env} (or set "
+        f"sample.openai.api_key_env=''), or set sample.openai.allow_plain_http_key=true on a "
+        f"network you trust"
+    )
+
+
 class OpenAIClient:
     """JSON POSTs with retries (standard library only)."""
 
@@ -81,6 +105,7 @@ class OpenAIClient:
         key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         self.headers = {"Content-Type": "application/json"}
         if key:
+            check_key_transport(self.base, cfg.api_key_env, cfg.allow_plain_http_key)
             self.headers["Authorization"] = f"Bearer {key}"
         self.retries = 0  # retried attempts, for the summary
 

@@ -43,7 +43,15 @@ import numpy as np
 
 from dasd_jax import storage
 from dasd_jax.config import Config, to_dict
-from dasd_jax.records import BadRow, BadRows, iter_jsonl, reason_key, write_json, write_jsonl
+from dasd_jax.records import (
+    BadRow,
+    BadRows,
+    iter_jsonl,
+    reason_key,
+    require_rows,
+    write_json,
+    write_jsonl,
+)
 from dasd_jax.schema import Candidate, SFTRecord, write_sft_records
 from dasd_jax.select import das, filters
 
@@ -235,6 +243,9 @@ def run(cfg: Config) -> dict:
         if len(pending) >= _FILTER_CHUNK:
             flush()
     flush()
+    require_rows(
+        len(bad) + len(seen) + other[0], f"select_stage.input={in_dir} ({len(files)} parts)"
+    )
     BadRows("select", policy, storage.join(out_dir, "rejects.jsonl")).check(
         len(bad) + len(seen) + other[0], len(bad), Counter(reason_key(e.reason) for e in bad)
     )
