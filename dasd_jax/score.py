@@ -1,9 +1,10 @@
 """The `score` stage: per-token log-probs of every candidate under the student (always) and
 the teacher (when its log-probs were not recorded).
 
-Consumes `score.input` ("" = the embedded demo rows): one JSONL file, a folder (the sample
-stage's `<run_dir>/sample/` with its `t<T>/part-*.jsonl`, or any folder of JSONL files) or a
-glob, read in sorted file order as one stream (`ingest.input_files`), local or gs://. Each
+Consumes `score.input` ("" = `<run_dir>/sample` when the sample stage ran there, else the
+embedded demo rows: `input_spec`): one JSONL file, a folder (the sample stage's
+`<run_dir>/sample/` with its `t<T>/part-*.jsonl`, or any folder of JSONL files) or a glob,
+read in sorted file order as one stream (`ingest.input_files`), local or gs://. Each
 file is in one of the forms `ingest` reads (detected per file): the released SFT rows
 (optionally joined by uuid with the released teacher log-prob rows, `score.teacher_logprobs`),
 the sample stage's Candidate JSONL, or OpenAI-compatible server dumps. Also the student
@@ -31,9 +32,11 @@ Produces, under `<run_dir>/score/` (local or gs://):
 How: the input stream is cut into shards of `score.rows_per_shard` lines (a shard may span
 two files: the cut depends only on the sorted files' lines); process p of P takes shards
 p, p+P, ... and scores them on a mesh of its own devices (scoring needs no cross-host
-collective). A shard whose part file exists is done and skipped on restart; every file is
-written under a temporary name and renamed, the part file last, so a kill at any point loses
-at most the shard in flight and never leaves a half-written file under its final name. Each
+collective). `<run_dir>/score.shards.json`, written before the first shard, records what a
+shard's bytes depend on (`shard_settings`); a restart under other settings is refused. A
+shard whose part file exists is done and skipped on restart; every file is written under a
+temporary name and renamed, the part file last, so a kill at any point loses at most the
+shard in flight and never leaves a half-written file under its final name. Each
 model renders prompt + response with its own chat format (student: Qwen3 ChatML; teacher:
 ChatML, or gpt-oss harmony via `chat.render_harmony`) and tokenizer; rows are sorted by
 length within a shard and batched by padded length (`plan_batches`), sharded over the mesh's
@@ -56,10 +59,11 @@ import numpy as np
 from flax import nnx
 
 from dasd_jax import chat, ingest, storage
-from dasd_jax.config import Config, ModelConfig
+from dasd_jax.config import Config, ModelConfig, to_dict
 from dasd_jax.logprobs import sequence_logprobs
 from dasd_jax.progress import Progress
 from dasd_jax.records import BadRow, BadRows, atomic_write, reason_key, shard_name, write_json
+from dasd_jax.sample.shards import check_settings, device_of
 from dasd_jax.schema import Candidate, TokenScores
 from dasd_jax.sharding import batch_sharding, make_mesh
 from dasd_jax.tokenizer import encode_with_offsets, load_tokenizer
@@ -78,9 +82,31 @@ class Encoded:
     spans: list[tuple[int, int]]  # response-relative character spans of the response tokens
 
 
-def resolve_inputs(cfg: Config) -> tuple[Path, list[str]]:
-    """(student folder, input JSONL files in reading order), materialising the embedded
-    defaults when empty."""
+def input_spec(cfg: Config) -> str:
+    """What the stage reads: `score.input`; when empty, the run directory's sample output
+    (`<run_dir>/sample`, what `--stage=all` passes) once the sample stage has finished there;
+    "" (the embedded demo rows) only when the run directory has no sample output. An
+    unfinished sample output is an error naming score.input."""
+    if cfg.score.input:
+        return cfg.score.input
+    sample = storage.join(cfg.run_dir, "sample")
+    if not storage.isdir(sample):
+        return ""
+    journals = storage.glob(storage.join(storage.local_dir(sample), "t*", "part-*.journal"))
+    if storage.exists(storage.join(sample, "summary.json")) and not journals:
+        log.info("score.input is empty: scoring the sample stage's output %s", sample)
+        return sample
+    state = f"{len(journals)} unfinished shards" if journals else "no summary.json"
+    raise FileNotFoundError(
+        f"score.input is empty and {sample} holds an unfinished sample run ({state}): finish "
+        "it (`python -m dasd_jax.launch --stage=sample`, same run_dir), or set score.input "
+        f"(score.input={sample} scores its finished shards)"
+    )
+
+
+def resolve_inputs(cfg: Config) -> tuple[Path, str, list[str]]:
+    """(student folder, the input (`input_spec`), its JSONL files in reading order),
+    materialising the embedded defaults when empty."""
     from dasd_jax import embedded
 
     # a gs:// model folder is copied to the local cache (weights are memory-mapped)
@@ -89,11 +115,52 @@ def resolve_inputs(cfg: Config) -> tuple[Path, list[str]]:
         if cfg.student.path
         else embedded.tiny_student()
     )
-    if cfg.score.input:
-        return student, ingest.input_files(cfg.score.input)
+    spec = input_spec(cfg)
+    if spec:
+        return student, spec, ingest.input_files(spec)
     inputs = storage.local_dir(storage.join(cfg.run_dir, "inputs"))
     data = embedded.write_demo_rows(Path(inputs) / "demo.jsonl", embedded.demo_candidate_rows())
-    return student, [str(data)]
+    log.warning(
+        "score.input is empty and %s has no sample output: scoring the EMBEDDED DEMO rows %s",
+        cfg.run_dir,
+        data,
+    )
+    return student, str(data), [str(data)]
+
+
+def shard_settings(cfg: Config, student: Path, files: list[str]) -> dict:
+    """What the stage's shards depend on (`sample.shards.check_settings`): every input
+    file's path (candidates name it; `{run_dir}/...` inside the run directory), size and
+    edge hash (`pipeline.fingerprint`), the same of `score.teacher_logprobs`, each model's
+    path, dtypes and attention, the mesh, and every `score.*` key but where the input and
+    the join index are and the bad-row policy: the shard cut `rows_per_shard` and the batch
+    shapes (`batch_tokens`, `bucket_multiple`, `chunk_size`) included, since log-probs are
+    bit-exact only under the same batches (docs/score.md)."""
+    from dasd_jax.pipeline import fingerprint
+
+    root = cfg.run_dir.rstrip("/")
+
+    def content(path: str) -> dict:
+        fp, name = fingerprint(path), str(path)
+        if name.startswith(root + "/"):  # the record holds for the run directory moved
+            name = "{run_dir}" + name[len(root) :]
+        return {"path": name, "bytes": fp.get("bytes"), "sha256": fp.get("sha256")}
+
+    def model(m: ModelConfig, path: str) -> dict:
+        return {**{k: v for k, v in to_dict(m).items() if k != "remat"}, "path": path}
+
+    sc = to_dict(cfg.score)
+    for k in ("input", "index_dir", "on_bad_row"):
+        del sc[k]
+    if sc["teacher_logprobs"]:
+        sc["teacher_logprobs"] = content(sc["teacher_logprobs"])
+    return {
+        "input_files": [content(f) for f in files],
+        "score": sc,
+        "student": model(cfg.student, str(student)),
+        "teacher": model(cfg.teacher, cfg.teacher.path),
+        "mesh": to_dict(cfg.mesh),
+    }
 
 
 def _round_up(n: int, m: int) -> int:
@@ -482,7 +549,9 @@ def run(cfg: Config) -> dict:
     """Score every candidate of `score.input`; returns the summary."""
     out_dir = storage.join(cfg.run_dir, "score")  # local or gs://
     storage.makedirs(out_dir)
-    student_path, files = resolve_inputs(cfg)
+    student_path, spec, files = resolve_inputs(cfg)
+    parts = storage.glob(storage.join(out_dir, "part-*.jsonl"))
+    check_settings(out_dir, shard_settings(cfg, student_path, files), device_of(), parts)
     ctx = _Context(cfg, student_path, files)
     n_proc, proc = jax.process_count(), jax.process_index()
     # progress lines are appended: a local file (a mirror when out_dir is gs://), uploaded below
@@ -498,7 +567,7 @@ def run(cfg: Config) -> dict:
     )
     t0 = time.perf_counter()
     skipped_shards = 0
-    done = {os.path.basename(f) for f in storage.glob(storage.join(out_dir, "part-*.jsonl"))}
+    done = {os.path.basename(f) for f in parts}
     for shard, lines in _raw_shards(files, cfg.score.rows_per_shard):
         if shard % n_proc != proc:
             continue
@@ -522,7 +591,7 @@ def run(cfg: Config) -> dict:
         seconds=round(time.perf_counter() - t0, 2),
         skipped_shards=skipped_shards,
         student=str(student_path),
-        input=cfg.score.input or files[0],
+        input=spec,
         input_files=len(files),
         input_format=ctx.format_summary(),
         teacher=str(ctx.teacher_path) if ctx.teacher_path else None,

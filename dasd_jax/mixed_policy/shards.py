@@ -5,7 +5,7 @@ finishes: `{"q", "phase": "student", ...}` (the student's answer was cut: L, k, 
 ids, seed) and `{"q", "phase": "final", "record"+"sample" | "reject"}` (the outcome).
 Produces, under the stage's output folder:
 - `shards/shard-NNNNN.journal`: those entries, appended with fsync (a torn last line, from a
-  kill mid-append, is dropped on reading);
+  kill mid-append, is dropped on reading; a bad line before it is an error naming it);
 - when every question of the shard has an outcome (`finalize`): `train-NNNNN.array_record`
   (kept rows, if any), `shards/samples-NNNNN.jsonl`, `shards/rejects-NNNNN.jsonl`, and last
   `shards/done-NNNNN.json` (the shard's stats; its presence marks the shard done); then the
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dasd_jax import faults, storage
-from dasd_jax.records import atomic_write, write_json, write_jsonl
+from dasd_jax.records import write_json, write_jsonl
+from dasd_jax.sample.shards import read_journal
 from dasd_jax.schema import SFTRecord, write_sft_records
 
 
@@ -53,23 +54,10 @@ class Shard:
         return storage.join(self.folder, "shards", f"done-{self.index:05d}.json")
 
     def read_journal(self) -> None:
-        """Entries of a previous run; a torn last line (killed mid-append) is dropped."""
-        if not self.journal.exists():
-            return
-        good, torn = [], False
-        for raw in self.journal.read_text(encoding="utf-8").splitlines(keepends=True):
-            try:
-                e = json.loads(raw)
-                if not raw.endswith("\n"):
-                    raise ValueError("no newline")
-            except ValueError:
-                torn = True
-                continue
+        """Entries of a previous run (`sample.shards.read_journal`: a torn last line, killed
+        mid-append, is dropped; a bad line before it is an error naming it)."""
+        for e in read_journal(self.journal):
             (self.final if e["phase"] == "final" else self.student)[e["q"]] = e
-            good.append(raw)
-        if torn:
-            with atomic_write(self.journal) as f:
-                f.writelines(good)
         self.resumed = len(self.final)
 
     def append(self, entry: dict) -> None:

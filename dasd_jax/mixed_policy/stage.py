@@ -174,6 +174,31 @@ def demo_config(cfg: Config, student: bool, teacher: bool) -> Config:
     )
 
 
+def content_and_engines(cfg: Config, files: list[str]) -> dict:
+    """What the stage's files depend on beyond `plan.fingerprint` (names only): the sources'
+    sizes and edge hashes (`pipeline.fingerprint`: the plan points at records by index), the
+    engine sizes read from `sample.*` and the models' dtypes and attention (batch shapes and
+    numerics), so that a resume under others is refused too."""
+    from dasd_jax.pipeline import fingerprint as content
+
+    sc = cfg.sample
+    return {
+        "source_content": [{k: content(f).get(k) for k in ("bytes", "sha256")} for f in files],
+        "engine": {
+            "slots": sc.slots,
+            "prefill_chunk": sc.prefill_chunk,
+            "decode_steps": sc.decode_steps,
+            "cache_dtype": sc.cache_dtype,
+        },
+        "models": {
+            name: {
+                k: v for k, v in to_dict(getattr(cfg, name)).items() if k not in ("path", "remat")
+            }
+            for name in ("student", "teacher")
+        },
+    }
+
+
 # --------------------------------------------------------------------------- phases
 
 
@@ -548,7 +573,10 @@ def run(cfg: Config) -> dict:
     student_local = Path(storage.download_dir(student_path))  # gs://: a copy in the cache
     student_tok = load_tokenizer(student_local)
     records = SourceRecords(files)
-    fp = fingerprint(cfg, files, student_path, teacher_name, demo)
+    fp = {
+        **fingerprint(cfg, files, student_path, teacher_name, demo),
+        **content_and_engines(cfg, files),
+    }
     plan = load_or_build_plan(cfg, out, records, student_tok, fp, cap_limit)
     qs = plan["questions"]
     size = mp.questions_per_shard

@@ -15,12 +15,17 @@ run_dir a mirror on this machine's disk (Cloud Storage has no append). The finis
 files are published to the run_dir atomically (part file last), `metrics.jsonl` is uploaded
 at the end of the run. Candidate seeds and prompt ids are functions of the data only
 (`candidate_seed`, `prompt_id_of`), so a restart reproduces what a kill interrupted.
+
+Before the first shard, `<run_dir>/sample.shards.json` records the settings a shard's bytes
+depend on (`shard_settings`; the score stage keeps its own the same way, `check_settings`);
+a restart under other settings is refused, naming them, instead of mixing two runs' shards.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -33,7 +38,8 @@ import jax
 import numpy as np
 
 from dasd_jax import faults, storage
-from dasd_jax.config import Config
+from dasd_jax.config import Config, to_dict
+from dasd_jax.pipeline import _diff_keys  # the manifest's rule for naming changed keys
 from dasd_jax.progress import Progress
 from dasd_jax.records import (
     BadRow,
@@ -47,6 +53,8 @@ from dasd_jax.records import (
 )
 from dasd_jax.sample.sampling import MAX_SEED
 from dasd_jax.schema import Candidate, TokenScores
+
+log = logging.getLogger(__name__)
 
 
 def candidate_seed(seed: int, prompt_id: str, temperature: float, index: int) -> int:
@@ -194,27 +202,45 @@ class _Shard:
         return Path(local) / shard_name(self.index).replace(".jsonl", ".journal")
 
 
-def _read_journal(path: Path) -> dict[int, dict]:
-    """Finished prompts of a shard (line -> {"line", "candidates", optional "reject"}). A torn
-    last line (a kill while appending) is dropped and the journal rewritten without it, so
-    appends stay parseable."""
+class CorruptJournal(RuntimeError):
+    """A journal line before the last does not parse: damage that no kill can cause."""
+
+
+def read_journal(path: Path) -> list[dict]:
+    """The entries of a journal of JSON lines appended with fsync (this stage's and the
+    mixed-policy stage's). Only the last line can be torn by a kill mid-append: without its
+    newline, cut inside a UTF-8 character, or not a JSON object, it is dropped and the journal
+    rewritten without it (atomically), so later appends stay parseable. Any earlier line
+    that does not parse is `CorruptJournal`, naming the file and line."""
     if not path.exists():
-        return {}
-    done, good, torn = {}, [], False
-    for raw in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        return []
+    *lines, tail = path.read_bytes().split(b"\n")  # tail: b"" after a final newline
+    torn = bool(tail)
+    entries = []
+    for n, raw in enumerate(lines, 1):
         try:
-            obj = json.loads(raw)
-            if not raw.endswith("\n"):
-                raise ValueError("no newline")
-        except ValueError:
-            torn = True
-            continue
-        done[int(obj["line"])] = obj
-        good.append(raw)
+            entry = json.loads(raw.decode("utf-8"))
+            if not isinstance(entry, dict):
+                raise ValueError(f"a JSON {type(entry).__name__}, not an object")
+        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            if n == len(lines) and not torn:  # the last line, torn before its newline's fsync
+                lines.pop()
+                torn = True
+                break
+            raise CorruptJournal(
+                f"{path}:{n}: not a journal entry ({e}); only the last line can be torn by "
+                "a kill, so this journal is damaged: move it aside to redo the work it records"
+            ) from None
+        entries.append(entry)
     if torn:
-        with atomic_write(path) as f:
-            f.writelines(good)
-    return done
+        with atomic_write(path, "wb") as f:
+            f.write(b"".join(raw + b"\n" for raw in lines))
+    return entries
+
+
+def _read_journal(path: Path) -> dict[int, dict]:
+    """Finished prompts of a shard: line -> {"line", "candidates", optional "reject"}."""
+    return {int(e["line"]): e for e in read_journal(path)}
 
 
 def _append_journal(
@@ -282,6 +308,100 @@ def _repair(c: Candidate) -> str | None:
     return (c.meta.get("harmony") or {}).get("repair")
 
 
+class SettingsChanged(RuntimeError):
+    """An output folder holds shards made under other settings than this run's."""
+
+
+def device_of() -> dict:
+    """The chips a run computes on (numbers differ in the last bits between kinds)."""
+    d = jax.local_devices()[0]
+    return {"platform": d.platform, "device_kind": d.device_kind, "devices": jax.device_count()}
+
+
+def check_settings(
+    folder: str | Path, settings: dict, device: dict | None, existing: list[str]
+) -> None:
+    """Refuse to add shards to `folder` (the sample or score stage's) that another run made
+    under other `settings` (what a shard's bytes depend on), recorded in `<folder>.shards.json`
+    before the first shard. Beside the folder, not in it: moving the folder aside (`--force`)
+    leaves no shard, and a folder without shards takes the new settings. `existing`: the
+    shards (or journals) the folder holds; some without a record (an older version's) are
+    refused too. Other chips (`device_of`) are only logged: a shard's numbers are bit-exact on
+    the same chips, and a resume on others (after a preemption) should not lose its work."""
+    path = f"{os.fspath(folder).rstrip('/')}.shards.json"
+    record = {"settings": settings, "device": device}
+    old = json.loads(storage.read_text(path)) if storage.exists(path) else None
+    if not existing:
+        if old != record and jax.process_index() == 0:
+            write_json(path, record)
+        return
+    redo = f"move {folder} aside (or delete it) to redo the stage, or use another run_dir"
+    if old is None:
+        raise SettingsChanged(
+            f"{folder} holds shards ({existing[0]}, ...) but there is no {path} recording the "
+            f"settings they were made with (an older dasd_jax): {redo}"
+        )
+    changed = _diff_keys(old["settings"], settings)
+    if changed:
+        raise SettingsChanged(
+            f"{folder} holds shards made with other settings ({', '.join(changed[:8])} "
+            f"differ from {path}): resuming would mix them with new ones. Restore those "
+            f"settings to resume, or start over: {redo}"
+        )
+    if old.get("device") != device:
+        log.warning(
+            "%s: its shards were made on %s, this run computes on %s: new shards may differ "
+            "from an uninterrupted run in the last bits",
+            folder,
+            old.get("device"),
+            device,
+        )
+
+
+# sample.* keys that change no shard: where prompts come from (their content is hashed), the
+# temperatures (each is its own folder), bad-row policy, progress; engine sizes under the
+# openai backend, and how an openai server is reached
+_NOT_IN_SHARDS = ("input", "temperatures", "on_bad_row", "max_refused_fraction", "progress_every_s")
+_ENGINE = ("slots", "max_prefill_length", "prefill_chunk", "decode_steps", "cache_dtype")
+_CONNECTION = (
+    "base_url",
+    "api_key_env",
+    "max_concurrency",
+    "timeout_s",
+    "max_retries",
+    "backoff_s",
+    "max_backoff_s",
+)
+
+
+def shard_settings(cfg: Config, teacher_name: str, input_sha256: str) -> dict:
+    """What the stage's shards depend on (`check_settings`): the prompts' SHA-256, the seed,
+    the teacher's name, with the engine backend its dtypes, attention and the mesh, and every
+    `sample.*` key that reaches a shard, `prompts_per_shard` (the cut) and the engine sizes
+    (batch shapes: numerics) included."""
+    sc = to_dict(cfg.sample)
+    for k in _NOT_IN_SHARDS:
+        del sc[k]
+    options = mesh = None
+    if cfg.sample.backend == "openai":
+        for k in _ENGINE:
+            del sc[k]
+        for k in _CONNECTION:
+            del sc["openai"][k]
+    else:
+        del sc["openai"]
+        options = {k: v for k, v in to_dict(cfg.teacher).items() if k not in ("path", "remat")}
+        mesh = to_dict(cfg.mesh)
+    return {
+        "input_sha256": input_sha256,
+        "seed": cfg.seed,
+        "teacher": teacher_name,
+        "teacher_options": options,
+        "mesh": mesh,
+        "sample": sc,
+    }
+
+
 def _prompt_shards(path: str | Path, size: int) -> Iterator[tuple[int, list, list]]:
     """(shard index, [(line, row)], [(line, reason)] of malformed lines) by streaming; a
     malformed line belongs to the shard being filled (the caller raises or rejects)."""
@@ -312,8 +432,18 @@ def run_shards(cfg: Config, backend, data_path: str | Path, teacher_name: str) -
     storage.makedirs(out_root)
     remote = storage.is_remote(out_root)
     n_proc, proc = jax.process_count(), jax.process_index()
+    digest, n_lines = hashlib.sha256(), 0
     with storage.open_read(data_path, "rb") as f:
-        n_lines = sum(1 for line in f if line.strip())
+        for line in f:
+            digest.update(line)
+            n_lines += bool(line.strip())
+    shards_in = storage.glob(storage.join(out_root, "t*", "part-*.jsonl")) + storage.glob(
+        storage.join(storage.local_dir(out_root), "t*", "part-*.journal")
+    )
+    device = None if backend.name == "openai" else device_of()
+    check_settings(
+        out_root, shard_settings(cfg, teacher_name, digest.hexdigest()), device, shards_in
+    )
     # progress lines are appended: a local file (a mirror when out_root is gs://), uploaded
     # below; on gs:// each process has its own (their mirrors are on different machines)
     metrics_name = "metrics.jsonl" if proc == 0 or not remote else f"metrics.process{proc}.jsonl"
