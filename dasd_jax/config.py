@@ -52,7 +52,7 @@ class ModelConfig:
 class ScoreConfig:
     """The `score` stage: per-token log-probs of responses under the student."""
 
-    input: str = ""  # JSONL of prompt/response rows; "" = the embedded demo rows
+    input: str = ""  # rows or a folder; "" = <run_dir>/sample once sampled there, else demo rows
     prompt_field: str = "input"  # released SFT data: uuid, input, output
     response_field: str = "output"
     id_field: str = "uuid"

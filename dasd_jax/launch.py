@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "all":
             summary = pipeline.run_all(args.config, args.overrides, stage_run, force=args.force)
         else:
-            step = pipeline.step_for(args.stage, cfg)
+            step, cfg = pipeline.single_step(args.stage, cfg, args.config, args.overrides)
             summary = pipeline.run_step(cfg, step, stage_run(args.stage), force=args.force)
             print(json.dumps(summary, indent=2, default=str))
     except (pipeline.PipelineError, runlock.RunLocked) as e:

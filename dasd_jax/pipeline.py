@@ -249,6 +249,22 @@ def step_for(stage: str, cfg: Config) -> Step:
     return STEP_BY_NAME.get(stage, Step(stage, stage, ()))
 
 
+def single_step(
+    stage: str, cfg: Config, config_path: str | None, overrides: list[str]
+) -> tuple[Step, Config]:
+    """The step and config of a single `--stage=X` run: as `--stage=all` would run it where
+    the run directory already holds what that step reads (a standalone `--stage=score` with
+    no `score.input` scores `<run_dir>/sample` when the sample stage finished there), so the
+    manifest records the same config whichever way the step ran."""
+    step = step_for(stage, cfg)
+    if stage == "score" and not cfg.score.input:
+        from dasd_jax.score import input_spec  # raises on an unfinished sample output
+
+        if input_spec(cfg):
+            cfg = with_overrides(cfg, step, config_path, overrides)
+    return step, cfg
+
+
 # --------------------------------------------------------------------------- fingerprints
 
 
@@ -545,6 +561,10 @@ def _run_step(
             log.warning("step %s: %s; moved aside: %s", step.name, "; ".join(changed), moved)
         elif force:
             _move_aside(OUTPUTS.get(step.stage, lambda c: [])(cfg))
+    elif force:  # killed or failed: --force redoes it rather than resuming
+        moved = _move_aside(OUTPUTS.get(step.stage, lambda c: [])(cfg))
+        if moved:
+            log.warning("step %s: --force: moved aside %s", step.name, moved)
     check_required(cfg, step)
     if _is_writer():  # what a killed earlier attempt left half-written
         swept = storage.sweep_temporaries(cfg.run_dir, recursive=False)  # the manifest's

@@ -290,3 +290,51 @@ def test_duplicate_ids_name_both_places():
     assert e.value.path == "more.jsonl" and e.value.line == 7
     assert records.reason_key(e.value.reason) == "duplicate_id"
     assert "already read at in.jsonl:1" in e.value.reason
+
+
+def _fake_stage(stage: str):
+    def run(cfg):
+        for out in pipeline.OUTPUTS[stage](cfg):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "part-000000.jsonl").write_text("{}\n")
+        return {"counts": {"in": 1, "out": 1, "rejected": 0}}
+
+    return run
+
+
+def test_a_standalone_score_records_what_the_pipeline_would(tmp_path):
+    """`--stage=score` with no score.input after `--stage=sample` scores <run_dir>/sample and
+    records it so: a later `--stage=all` skips it instead of calling its config changed."""
+    overrides = [f"run_dir={tmp_path}"]
+    pipeline.run_step(
+        load_config(None, overrides), pipeline.STEP_BY_NAME["sample"], _fake_stage("sample")
+    )
+    (tmp_path / "sample" / "summary.json").write_text("{}")
+    step, cfg = pipeline.single_step("score", load_config(None, overrides), None, overrides)
+    assert cfg.score.input == str(tmp_path / "sample")
+    pipeline.run_step(cfg, step, _fake_stage("score"))
+    calls = []
+
+    def stages(stage):
+        calls.append(stage)
+        return _fake_stage(stage)
+
+    pipeline.run_all(None, overrides, stages)
+    assert "sample" not in calls and "score" not in calls  # both complete, both skipped
+
+
+def test_force_redoes_a_step_that_was_killed_instead_of_resuming_it(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    step = pipeline.STEP_BY_NAME["select"]
+    (tmp_path / "score").mkdir()
+
+    def killed(c):
+        (tmp_path / "select").mkdir()
+        (tmp_path / "select" / "part-000000.jsonl").write_text("half\n")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_step(cfg, step, killed)
+    pipeline.run_step(cfg, step, _fake_stage("select"), force=True)
+    assert (tmp_path / "select" / "part-000000.jsonl").read_text() == "{}\n"
+    assert [p.name.split(".old-")[0] for p in tmp_path.glob("select.old-*")] == ["select"]

@@ -335,7 +335,10 @@ def check_settings(
         if old != record and jax.process_index() == 0:
             write_json(path, record)
         return
-    redo = f"move {folder} aside (or delete it) to redo the stage, or use another run_dir"
+    redo = (
+        f"re-run with --force (moves {folder} aside and redoes the step), move it aside "
+        "yourself, or use another run_dir"
+    )
     if old is None:
         raise SettingsChanged(
             f"{folder} holds shards ({existing[0]}, ...) but there is no {path} recording the "
