@@ -62,7 +62,15 @@ from dasd_jax import chat, ingest, storage
 from dasd_jax.config import Config, ModelConfig, to_dict
 from dasd_jax.logprobs import sequence_logprobs
 from dasd_jax.progress import Progress
-from dasd_jax.records import BadRow, BadRows, atomic_write, reason_key, shard_name, write_json
+from dasd_jax.records import (
+    BadRow,
+    BadRows,
+    atomic_write,
+    reason_key,
+    require_rows,
+    shard_name,
+    write_json,
+)
 from dasd_jax.sample.shards import check_settings, device_of
 from dasd_jax.schema import Candidate, TokenScores
 from dasd_jax.sharding import batch_sharding, make_mesh
@@ -379,7 +387,14 @@ class _Context:
         return self._readers[fi]
 
     def format_summary(self) -> str:
-        fmts = set(self.formats.values())
+        """The input's format, of every file (detected from its first rows when this run read
+        none of it: all its shards were done before a resume)."""
+        sc = self.cfg.score
+        fmts = {
+            self.formats.get(fi)
+            or (sc.input_format if sc.input_format != "auto" else ingest.detect_format(f))
+            for fi, f in enumerate(self.files)
+        }
         return fmts.pop() if len(fmts) == 1 else ("mixed" if fmts else self.cfg.score.input_format)
 
     @property
@@ -558,6 +573,7 @@ def run(cfg: Config) -> dict:
     metrics_name = "metrics.jsonl" if proc == 0 else f"metrics.process{proc}.jsonl"
     metrics = Path(storage.local_dir(out_dir)) / metrics_name
     n_lines = sum(ingest.count_lines(f) for f in files)
+    require_rows(n_lines, f"score.input={spec or 'the demo rows'} ({len(files)} files)")
     progress = Progress("score", n_lines, metrics)
     ctx.bad_rows = BadRows(
         "score",
@@ -598,6 +614,13 @@ def run(cfg: Config) -> dict:
     )
     if ctx.index is not None:
         summary["logprob_index"] = {"path": str(ctx.index.index_path), **ctx.index.stats}
+        if dup := ctx.index.stats.get("duplicates"):
+            warning = (
+                f"{dup} rows of score.teacher_logprobs={ctx.index.path} repeat a sample_uuid "
+                "already in it: the first row of each uuid is used"
+            )
+            log.warning("score: %s", warning)
+            summary.setdefault("warnings", []).append(warning)
         ctx.index.close()
     if proc == 0:
         write_json(storage.join(out_dir, "summary.json"), summary)

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from dasd_jax import embedded, score
+from dasd_jax import embedded, records, score
 from dasd_jax.config import load_config
 from dasd_jax.mixed_policy import shards as mp_shards
 from dasd_jax.mixed_policy import stage as mp_stage
@@ -362,3 +362,36 @@ def test_mixed_policy_refuses_a_plan_of_other_sources_or_engines(tmp_path, stude
     write_sft_records(source, [SFTRecord(r["uuid"], r["output"], r["input"], "x") for r in rows])
     with pytest.raises(mp_stage.StageError, match=r"source_content"):
         run()
+
+
+def test_sample_rejects_a_repeated_prompt_id_and_stops_on_an_empty_input(tmp_path):
+    rows = [dict(r) for r in embedded.demo_rows()[:5]]
+    rows[3]["uuid"] = rows[0]["uuid"]  # a second row under the first one's id
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # max_bad_fraction=0.5: one duplicate in 5 rows is a counted reject here, not a stop
+    summary = _sample(tmp_path / "run", data, "bad_rows.max_bad_fraction=0.5")
+    rejects = [
+        json.loads(line)
+        for f in sorted((tmp_path / "run" / "sample").glob("t*/rejects.part-*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+    dup = [r for r in rejects if r["reason"].startswith("duplicate_id")]
+    assert [r["line"] for r in dup] == [4, 4]  # once per temperature, the later row
+    assert f"already read at {data}:1" in dup[0]["reason"]
+    assert summary["prompts_in"] == 10 and summary["rejects"] == 2  # 5 rows x 2 temperatures
+    # a resume rejects the same rows (done shards still register their ids)
+    again = _sample(tmp_path / "run", data, "bad_rows.max_bad_fraction=0.5")
+    assert again["rejects"] == 2
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(records.EmptyInput, match=r"sample.input=.*empty\.jsonl has no rows"):
+        _sample(tmp_path / "run2", empty)
+
+
+def test_score_stops_on_an_empty_input(tmp_path, student):
+    empty = tmp_path / "rows.jsonl"
+    empty.write_text("")
+    with pytest.raises(records.EmptyInput, match=r"score.input=.*rows\.jsonl \(1 files\) has no"):
+        score.run(_score_cfg(tmp_path / "run", student, f"score.input={empty}"))
+    assert not (tmp_path / "run" / "score" / "summary.json").exists()

@@ -45,9 +45,11 @@ from dasd_jax.records import (
     BadRow,
     BadRowPolicy,
     BadRows,
+    DuplicateIds,
     atomic_write,
     iter_jsonl,
     reason_key,
+    require_rows,
     shard_name,
     write_json,
 )
@@ -440,6 +442,7 @@ def run_shards(cfg: Config, backend, data_path: str | Path, teacher_name: str) -
         for line in f:
             digest.update(line)
             n_lines += bool(line.strip())
+    require_rows(n_lines, f"sample.input={data_path}")
     shards_in = storage.glob(storage.join(out_root, "t*", "part-*.jsonl")) + storage.glob(
         storage.join(storage.local_dir(out_root), "t*", "part-*.journal")
     )
@@ -480,7 +483,19 @@ def run_shards(cfg: Config, backend, data_path: str | Path, teacher_name: str) -
             parts_done = {
                 os.path.basename(f) for f in storage.glob(storage.join(folder, "part-*.jsonl"))
             }
+            # the first row with an id is sampled, a later one is a bad row (same id: same
+            # seeds, same candidate names); every shard registers its ids, done or not, so
+            # a resumed run rejects exactly what an uninterrupted one does
+            ids = DuplicateIds("prompt id")
             for index, rows, bad in _prompt_shards(data_path, sc.prompts_per_shard):
+                duplicates = {}
+                for line, row in rows:
+                    prompt = row.get(sc.prompt_field)
+                    pid = prompt_id_of(row, sc.id_field, prompt if isinstance(prompt, str) else "")
+                    try:
+                        ids.check(pid, data_path, line)
+                    except BadRow as e:
+                        duplicates[line] = e.reason
                 if index % n_proc != proc:
                     continue
                 shard = _Shard(T, index, folder, local)
@@ -500,6 +515,7 @@ def run_shards(cfg: Config, backend, data_path: str | Path, teacher_name: str) -
                     else:
                         payload, reason = backend.prepare(prompt)
                     pid = prompt_id_of(row, sc.id_field, prompt if isinstance(prompt, str) else "")
+                    reason = reason or duplicates.get(line)
                     if reason:
                         shard.rejects.append({"line": line, "id": pid, "reason": reason})
                     elif line in done:
