@@ -63,6 +63,7 @@ from etils import epath
 from dasd_jax import faults, runlock, storage
 from dasd_jax.config import Config, load_config, to_dict
 from dasd_jax.records import write_json
+from dasd_jax.resume import diff_keys
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +418,7 @@ def changes(entry: dict[str, Any], cfg: Config, step: Step) -> list[str]:
     out = []
     if entry.get("config_sha256") != _hash(config_of(cfg, step)):
         old, new = entry.get("config", {}), config_of(cfg, step)
-        keys = _diff_keys(old, new)
+        keys = diff_keys(old, new)
         out.append("config: " + (", ".join(keys[:8]) if keys else "changed"))
     recorded = {i["path"]: i for i in entry.get("inputs", [])}
     for path in INPUTS.get(step.stage, lambda c: [])(cfg):
@@ -430,15 +431,6 @@ def changes(entry: dict[str, Any], cfg: Config, step: Step) -> list[str]:
     for path in set(recorded) - {str(p) for p in INPUTS.get(step.stage, lambda c: [])(cfg)}:
         out.append(f"input {path}: no longer read")
     return out
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = []
-        for k in sorted(set(a) | set(b)):
-            keys += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return keys
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 def counts_of(stage: str, summary: dict[str, Any]) -> dict[str, Any] | None:

@@ -71,7 +71,7 @@ from dasd_jax.records import (
     shard_name,
     write_json,
 )
-from dasd_jax.sample.shards import check_settings, device_of
+from dasd_jax.resume import check_settings, device_of
 from dasd_jax.schema import Candidate, TokenScores
 from dasd_jax.sharding import batch_sharding, make_mesh
 from dasd_jax.tokenizer import encode_with_offsets, load_tokenizer
@@ -137,7 +137,7 @@ def resolve_inputs(cfg: Config) -> tuple[Path, str, list[str]]:
 
 
 def shard_settings(cfg: Config, student: Path, files: list[str]) -> dict:
-    """What the stage's shards depend on (`sample.shards.check_settings`): every input
+    """What the stage's shards depend on (`resume.check_settings`): every input
     file's path (candidates name it; `{run_dir}/...` inside the run directory), size and
     edge hash (`pipeline.fingerprint`), the same of `score.teacher_logprobs`, each model's
     path, dtypes and attention, the mesh, and every `score.*` key but where the input and

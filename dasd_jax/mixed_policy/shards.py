@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dasd_jax import faults, storage
 from dasd_jax.records import write_json, write_jsonl
-from dasd_jax.sample.shards import read_journal
+from dasd_jax.resume import read_journal
 from dasd_jax.schema import SFTRecord, write_sft_records
 
 
@@ -54,7 +54,7 @@ class Shard:
         return storage.join(self.folder, "shards", f"done-{self.index:05d}.json")
 
     def read_journal(self) -> None:
-        """Entries of a previous run (`sample.shards.read_journal`: a torn last line, killed
+        """Entries of a previous run (`resume.read_journal`: a torn last line, killed
         mid-append, is dropped; a bad line before it is an error naming it)."""
         for e in read_journal(self.journal):
             (self.final if e["phase"] == "final" else self.student)[e["q"]] = e
