@@ -8,20 +8,26 @@ Produces `export.output` (default `<run_dir>/export/stage{n}-step{s}`): `config.
 `generation_config.json`, safetensors shards (+ index), the tokenizer files with the chat
 template, and `dasd_export.json` (which stage, step and checkpoint it came from, dtype, a hash
 of every tensor file). transformers' `AutoModelForCausalLM.from_pretrained` and vLLM load the
-folder as they load the original checkpoint. The folder is assembled under a temporary name and
-renamed, so a killed export never leaves a folder that looks whole; an existing export of the
-same stage and step is kept (the stage is a no-op on re-run).
+folder as they load the original checkpoint. An existing export of the same stage and step is
+kept (the stage is a no-op on re-run).
 
-After writing, the export is read back with our own loader and every tensor compared with the
-checkpoint's (cast to the export dtype): a mismatch is an error, not a warning.
+Nothing unverified ever carries the final name: the folder is assembled under a temporary name
+beside it (`.<name>.tmp-<pid>-<random>`, `models.checkpoint.staging_dir`), read back there with
+our own loader and every tensor compared with the checkpoint's (cast to the export dtype),
+given its `dasd_export.json`, and only then renamed into place. A checkpoint holding NaN or inf
+is refused before anything is written (`ExportError` naming the stage and step), as is a
+tensor that the export dtype cannot hold (a float16 overflow); a mismatch on read-back is an
+error, not a warning, and its temporary folder is deleted. Temporary folders of killed exports
+of the same output are swept when the next export of it starts.
 
 Stages finish with their own `stage{n}/export`; this stage exists for the checkpoints in
 between (an earlier step, a preempted run) and for a different dtype.
 
 `run_dir` and `export.output` may be gs:// (`dasd_jax.storage`): Orbax reads gs://
-checkpoints itself; `save_hf` builds a gs:// export locally and uploads it, `config.json`
-last; the read-back check then downloads the uploaded files to a temporary folder (so it
-checks what is in the bucket) and deletes them; `dasd_export.json` is written last.
+checkpoints itself; `save_hf` builds (and checks) a gs:// export locally and uploads it,
+`config.json` last; a bucket has no rename, so the read-back check then downloads the uploaded
+files to a temporary folder (so it checks what is in the bucket) and deletes them, and
+`dasd_export.json`, written last, is what marks the export complete.
 """
 
 from __future__ import annotations
@@ -30,8 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,14 +137,17 @@ def _read_back(out: str, mesh, opts):
 
     if not storage.is_remote(out):
         return load_hf(Path(out), mesh, opts)
-    os.makedirs(storage.cache_root(), exist_ok=True)  # big files: not a small /tmp
-    tmp = tempfile.mkdtemp(prefix="export-check-", dir=storage.cache_root())
+    from dasd_jax.models.checkpoint import discard_staging, staging_dir, sweep_staging
+
+    check = Path(storage.cache_root()) / "export-check"  # big files: not a small /tmp
+    sweep_staging(check)  # the copies left by killed checks
+    tmp = staging_dir(check)
     try:
         for name in storage.walk_files(out):
             storage.copy(storage.join(out, name), os.path.join(tmp, name))
-        return load_hf(Path(tmp), mesh, opts)
+        return load_hf(tmp, mesh, opts)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_staging(tmp)
 
 
 def _compare(model, reloaded, dtype: str) -> int:
@@ -165,12 +172,16 @@ def _compare(model, reloaded, dtype: str) -> int:
 
 def run(cfg: Config) -> dict:
     """Export the checkpoint named by `export.*`; returns the summary."""
-    import jax
     from flax import nnx
 
-    from dasd_jax.models.checkpoint import ARCHITECTURES, read_config, save_hf
+    from dasd_jax.models.checkpoint import ARCHITECTURES, NonFiniteWeights, read_config
     from dasd_jax.sharding import make_mesh
-    from dasd_jax.train.checkpoint import abstract_arrays, restore_model, shardings_of
+    from dasd_jax.train.checkpoint import (
+        NonFiniteCheckpoint,
+        abstract_arrays,
+        restore_model,
+        shardings_of,
+    )
     from dasd_jax.train.stage import resolve_init
 
     ec = cfg.export
@@ -199,12 +210,10 @@ def run(cfg: Config) -> dict:
     )
     abstract = abstract_arrays(model_abs, shardings_of(model_abs, mesh))
     log.info("export: stage %d step %d from %s -> %s (%s)", stage, step, ckpt_dir, out, ec.dtype)
-    model = nnx.merge(model_def, restore_model(ckpt_dir, step, abstract))
-    storage.makedirs(os.path.dirname(out) or ".")
-    save_hf(model, out, dtype=ec.dtype, tokenizer_dir=model_dir)
-    checked = 0
-    if ec.verify:
-        checked = _compare(model, _read_back(out, mesh, opts), ec.dtype)
+    try:
+        model = nnx.merge(model_def, restore_model(ckpt_dir, step, abstract))
+    except NonFiniteCheckpoint as e:
+        raise ExportError(f"export: stage {stage} step {step} is not exported: {e}") from None
     info = {
         "stage": stage,
         "step": step,
@@ -212,15 +221,73 @@ def run(cfg: Config) -> dict:
         "model_dir": str(model_dir),
         "dtype": ec.dtype,
         "model_type": model_cfg.model_type,
+    }
+    write = _write_remote if storage.is_remote(out) else _write_local
+    try:
+        info = write(model, out, info, verify=ec.verify, mesh=mesh, opts=opts, t0=t0)
+    except NonFiniteWeights as e:
+        raise ExportError(f"export: stage {stage} step {step} is not exported: {e}") from None
+    return {**info, "output": out, "counts": _counts(info)}
+
+
+def _finish_info(info: dict, folder, checked: int, t0: float) -> dict:
+    return {
+        **info,
         "tensors_checked": checked,
-        "files": _file_hashes(out),
+        "files": _file_hashes(folder),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    if jax.process_index() == 0:  # written last: its presence marks a complete export
-        from dasd_jax.records import write_json
 
-        write_json(info_path, info)
-    return {**info, "output": out, "counts": _counts(info)}
+
+def _write_local(model, out: str, info: dict, *, verify: bool, mesh, opts, t0: float) -> dict:
+    """Build, check and describe the export under a temporary name; then rename it to `out`."""
+    import jax
+
+    from dasd_jax.models.checkpoint import (
+        discard_staging,
+        load_hf,
+        publish_dir,
+        staging_dir,
+        sweep_staging,
+        write_hf,
+    )
+    from dasd_jax.records import write_json
+
+    out_path = Path(out)
+    tmp = None
+    if jax.process_index() == 0:
+        sweep_staging(out_path)  # what killed exports of this folder left behind
+        tmp = staging_dir(out_path)
+    try:
+        write_hf(model, tmp, dtype=info["dtype"], tokenizer_dir=info["model_dir"], name=out_path)
+        if tmp is None:  # other processes: they took part in the gathers only
+            return _finish_info(info, out, 0, t0)
+        checked = _compare(model, load_hf(tmp, mesh, opts), info["dtype"]) if verify else 0
+        info = _finish_info(info, tmp, checked, t0)
+        write_json(tmp / INFO_FILE, info)
+        publish_dir(tmp, out_path)
+    except BaseException:
+        if tmp is not None:
+            discard_staging(tmp)
+        raise
+    return info
+
+
+def _write_remote(model, out: str, info: dict, *, verify: bool, mesh, opts, t0: float) -> dict:
+    """A bucket has no rename: `save_hf` builds and checks the folder locally and uploads it
+    (config.json last); the upload is read back, and `dasd_export.json`, written last,
+    marks the export complete."""
+    import jax
+
+    from dasd_jax.models.checkpoint import save_hf
+    from dasd_jax.records import write_json
+
+    save_hf(model, out, dtype=info["dtype"], tokenizer_dir=info["model_dir"])
+    checked = _compare(model, _read_back(out, mesh, opts), info["dtype"]) if verify else 0
+    info = _finish_info(info, out, checked, t0)
+    if jax.process_index() == 0:  # written last: its presence marks a complete export
+        write_json(storage.join(out, INFO_FILE), info)
+    return info
 
 
 def _counts(info: dict) -> dict:

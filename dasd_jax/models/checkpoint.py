@@ -10,7 +10,14 @@ Loading reads one tensor at a time (memory-mapped) and builds each array with
 most one parameter's layers at a time, never a full copy per device. `TENSOR_TABLE` is the one
 declarative map between HF names/layouts and ours; every tensor's shape is checked against the
 model before any device transfer, and a missing, unexpected or mis-shaped tensor fails with
-the tensor's name and file.
+the tensor's name and file; so does a safetensors file that cannot be read (truncated, corrupt).
+
+Saving builds the folder under a temporary name beside it (`.<name>.tmp-<pid>-<random>`),
+refuses a tensor holding NaN or inf (after the cast to the export dtype, so a float16 overflow
+is caught too), reopens every file it wrote (names, shapes, dtypes; safetensors checks that the
+data covers the file exactly), then renames the folder into place. Leftovers of a killed save
+(gigabytes at full scale) are swept when the next save of the same folder starts: the
+`.<name>.tmp-<pid>-*` folders whose process is gone.
 
 Stacking: an HF name with `{l}` is one tensor per layer, stacked on our leading L dim; with
 `{l}` and `{e}` (Qwen3-MoE's per-expert tensors) one per layer and expert, stacked on [L, E].
@@ -32,9 +39,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
+import re
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +55,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from dasd_jax.models import mxfp4
@@ -54,6 +63,8 @@ from dasd_jax.models.gpt_oss import GptOss, GptOssConfig
 from dasd_jax.models.qwen3 import ModelOptions, Qwen3, Qwen3Config
 from dasd_jax.models.qwen3_moe import Qwen3Moe, Qwen3MoeConfig
 from dasd_jax.sharding import named_sharding
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -251,6 +262,22 @@ class CheckpointError(ValueError):
     """A checkpoint folder that does not match the model (names the tensor and file)."""
 
 
+class NonFiniteWeights(CheckpointError):
+    """A model to be saved holds NaN or inf (names the tensor)."""
+
+
+def _open_safetensors(f: Path):
+    """A safetensors handle; an unreadable file is a CheckpointError naming it."""
+    try:
+        return safe_open(f, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        size = f.stat().st_size if f.exists() else 0
+        raise CheckpointError(
+            f"{f}: cannot read this safetensors file ({size} bytes): {e}. It looks truncated "
+            f"or corrupt (an interrupted copy or download?): copy it again"
+        ) from None
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -292,7 +319,7 @@ def _tensor_index(path: Path) -> dict[str, Path]:
     single = path / "model.safetensors"
     if not single.exists():
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    with safe_open(single, framework="numpy") as fh:
+    with _open_safetensors(single) as fh:
         return {name: single for name in fh.keys()}
 
 
@@ -337,7 +364,7 @@ class _Reader:
     def _handle(self, name: str):
         f = self.stored[name]
         if f not in self._handles:
-            self._handles[f] = safe_open(f, framework="numpy")
+            self._handles[f] = _open_safetensors(f)
         return self._handles[f]
 
 
@@ -477,12 +504,13 @@ def save_hf(
     """Write `model` as an HF folder loadable by transformers (and vLLM).
 
     Tensors are written in `dtype` (default: the config's dtype). The folder is assembled
-    under a temporary name and renamed into place, so a killed save never leaves a folder
-    that looks complete. A gs:// `out_dir` is built locally (under `storage.local_dir`),
-    then uploaded file by file (`storage.upload_dir`): the old objects are deleted first,
-    config.json first, and config.json is uploaded last, so the folder is complete once its
-    config.json exists. In a multi-process run every process must call this (arrays are
-    gathered collectively); only process 0 writes.
+    under a temporary name, checked (`write_hf`) and renamed into place, so a killed or
+    failed save never leaves a folder that looks complete; the leftovers of killed saves of
+    the same folder are swept first. A gs:// `out_dir` is built locally (under
+    `storage.local_dir`), then uploaded file by file (`storage.upload_dir`): the old objects
+    are deleted first, config.json first, and config.json is uploaded last, so the folder is
+    complete once its config.json exists. In a multi-process run every process must call
+    this (arrays are gathered collectively); only process 0 writes.
     """
     from dasd_jax import storage
 
@@ -503,19 +531,49 @@ def save_hf(
             storage.upload_dir(local, remote, last="config.json")
             shutil.rmtree(local)  # the weights live in the bucket now
         return storage.as_path(remote)
-    cfg = model.cfg
     out_dir = Path(out_dir)
+    tmp = None
+    if jax.process_index() == 0:
+        sweep_staging(out_dir)
+        tmp = staging_dir(out_dir)
+    try:
+        write_hf(
+            model,
+            tmp,
+            dtype=dtype,
+            tokenizer_dir=tokenizer_dir,
+            max_shard_bytes=max_shard_bytes,
+            name=out_dir,
+        )
+    except BaseException:
+        if tmp is not None:
+            discard_staging(tmp)
+        raise
+    return publish_dir(tmp, out_dir) if tmp is not None else out_dir
+
+
+def write_hf(
+    model,
+    folder: Path | None,
+    *,
+    dtype: str | None = None,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = 4 * 2**30,
+    name: Path | None = None,
+) -> None:
+    """Write the HF files of `model` into the empty local `folder` (None on the processes
+    other than 0, which only take part in the gathers), then check what was written.
+
+    Refuses (`NonFiniteWeights`, before any file is written) a tensor holding NaN or inf in
+    `dtype`; then reopens every safetensors file (tensor names, shapes, dtypes; safetensors
+    itself checks that the data covers the file exactly), config.json and the copied
+    tokenizer files (sizes). `name` is the folder the messages name (the final one).
+    """
+    cfg = model.cfg
     dtype = dtype or cfg.dtype
     np_dt = _np_dtype(dtype)
+    name = name or folder
     _, _, table = ARCHITECTURES[cfg.model_type]
-    writer = jax.process_index() == 0
-    tmp = (
-        Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        if writer
-        else None
-    )
-    if writer:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for spec in table:
@@ -527,62 +585,183 @@ def save_hf(
         n_layers = var.shape[0] if spec.stacked else 1
         for i in range(n_layers):
             host = _to_host(var[...][i] if spec.stacked else var[...])
-            if not writer:
-                continue
-            for idx, name in names.items():
+            for idx, hf_name in names.items():
                 if spec.stacked and idx[0] != i:
                     continue
                 value = host[idx[1:]] if spec.stacked else host
                 t = spec.to_hf(value, cfg)
-                t = np.ascontiguousarray(
-                    t if np.issubdtype(t.dtype, np.integer) else t.astype(np_dt)
-                )
+                if not np.issubdtype(t.dtype, np.integer):
+                    # every process checks (all hold the gathered layer), so all stop together
+                    with np.errstate(over="ignore"):  # an overflow is reported just below
+                        cast = t.astype(np_dt)
+                    t = _finite_or_raise(cast, t, hf_name, dtype, name)
+                if folder is None:
+                    continue
+                t = np.ascontiguousarray(t)
                 if size and size + t.nbytes > max_shard_bytes:
                     shards.append({})
                     size = 0
-                shards[-1][name] = t
+                shards[-1][hf_name] = t
                 size += t.nbytes
-    if not writer:
-        return out_dir
+    if folder is None:
+        return
     n = len(shards)
     weight_map = {}
     for k, shard in enumerate(shards):
         fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({hf_name: fname for hf_name in shard})
     if n > 1:
         total = sum(t.nbytes for s in shards for t in s.values())
-        (tmp / "model.safetensors.index.json").write_text(
+        (folder / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
     hf = cfg.to_hf_dict()
     hf["dtype"] = dtype
-    if any(name.endswith("_blocks") for name in weight_map):  # experts written as MXFP4
+    if any(hf_name.endswith("_blocks") for hf_name in weight_map):  # experts written as MXFP4
         hf["quantization_config"] = cfg.extra.get("quantization_config") or dict(
             MXFP4_QUANTIZATION_CONFIG
         )
-    (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
     src = Path(tokenizer_dir) if tokenizer_dir else None
     gen = src / "generation_config.json" if src else None
+    copied = []
     if gen is not None and gen.exists():
-        shutil.copy(gen, tmp / "generation_config.json")
+        shutil.copy(gen, folder / "generation_config.json")
+        copied.append(gen)
     else:
-        (tmp / "generation_config.json").write_text(
+        (folder / "generation_config.json").write_text(
             json.dumps(
                 {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, indent=2
             )
         )
     if src is not None:
-        for name in TOKENIZER_FILES:
-            if (src / name).exists():
-                shutil.copy(src / name, tmp / name)
+        for fname in TOKENIZER_FILES:
+            if (src / fname).exists():
+                shutil.copy(src / fname, folder / fname)
+                copied.append(src / fname)
+    _check_written(folder, shards, copied, name)
+
+
+def _finite_or_raise(t: np.ndarray, raw: np.ndarray, hf_name: str, dtype: str, name) -> np.ndarray:
+    if np.isfinite(t).all():
+        return t
+    bad = int(np.size(t) - np.count_nonzero(np.isfinite(t)))
+    why = (
+        f"finite before the cast: values beyond {dtype}'s range; export in bfloat16 or float32"
+        if np.isfinite(raw).all()
+        else "the model itself holds them: it diverged"
+    )
+    raise NonFiniteWeights(
+        f"{name}: tensor {hf_name} has {bad} NaN/inf values of {np.size(t)} as {dtype} ({why}); "
+        "refusing to write non-finite weights"
+    )
+
+
+def _check_written(folder: Path, shards: list[dict], copied: list[Path], name) -> None:
+    """Reopen what `write_hf` wrote: every tensor with its shape and dtype, config.json, the
+    copied files' sizes. A difference (a full disk, a bad filesystem) is a CheckpointError."""
+    for k, shard in enumerate(shards):
+        n = len(shards)
+        fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        with _open_safetensors(folder / fname) as fh:
+            got = {
+                t: (tuple(fh.get_slice(t).get_shape()), fh.get_slice(t).get_dtype())
+                for t in fh.keys()
+            }
+        want = {t: (a.shape, _SAFETENSORS_DTYPES.get(a.dtype.name)) for t, a in shard.items()}
+        if set(got) != set(want) or any(
+            got[t][0] != want[t][0] or want[t][1] not in (None, got[t][1]) for t in want
+        ):
+            raise CheckpointError(
+                f"{name}: {fname} does not read back as written (tensors, shapes or dtypes "
+                "differ): is the disk full?"
+            )
+    read_config(folder)
+    for src in copied:
+        if (folder / src.name).stat().st_size != src.stat().st_size:
+            raise CheckpointError(f"{name}: {src.name} was not copied whole from {src}")
+
+
+_SAFETENSORS_DTYPES = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "uint8": "U8",
+    "int8": "I8",
+    "int32": "I32",
+}
+
+
+# --------------------------------------------------------------------------- staging
+
+_STAGED: set[str] = set()  # staging folders this process made (a pid recurs after a restart)
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """A new empty folder beside `out_dir` to build it in: `.<name>.tmp-<pid>-<random>`."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir, not mkdtemp: the folder keeps its name once published, and mkdtemp's mode 0700
+    # would hide it from the other users the umask lets read it
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()
+    _STAGED.add(os.path.abspath(tmp))
+    return tmp
+
+
+def discard_staging(tmp: Path) -> None:
+    _STAGED.discard(os.path.abspath(tmp))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sweep_staging(out_dir: Path) -> list[Path]:
+    """Delete what killed saves of `out_dir` left beside it: the `.<name>.tmp-<pid>-*` (and
+    older `.<name>.old-<pid>`) entries whose process is gone, or is this one but the entry is
+    not one it made. Returns what was deleted."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(?:tmp|old)-(\d+)(?:-|$)")
+    swept = []
+    for p in out_dir.parent.iterdir():
+        m = pattern.match(p.name)
+        if not m or os.path.abspath(p) in _STAGED or _other_process_alive(int(m.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        swept.append(p)
+    if swept:
+        log.warning("%s: removed %d leftovers of killed saves: %s", out_dir, len(swept), swept)
+    return swept
+
+
+def _other_process_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def publish_dir(tmp: Path, out_dir: Path) -> Path:
+    """Rename the finished, checked folder `tmp` to `out_dir`, replacing an older one (moved
+    aside under a staging name first, so a kill in between leaves only sweepable folders)."""
+    tmp, out_dir = Path(tmp), Path(out_dir)
     if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        old = tmp.with_name(tmp.name + "-old")
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         shutil.rmtree(old)
     else:
         os.replace(tmp, out_dir)
+    _STAGED.discard(os.path.abspath(tmp))
     return out_dir
 
 

@@ -13,6 +13,11 @@ Restores go into abstract arrays that carry shardings (`abstract_state`), so eve
 reads only its shard. `restore_model` reads only the `model` item of another stage's
 checkpoint: stage 2 starts from stage 1's weights with a fresh optimizer.
 
+Both refuse a checkpoint whose arrays hold NaN or inf (`NonFiniteCheckpoint`, naming the step
+and folder). The stage saves only states its step found finite, so such a checkpoint comes from
+a version before that check, or from a corrupted copy; training on from it, or exporting it,
+would only spread the NaN.
+
 The folder may be local or gs://: Orbax writes through `etils.epath` itself (gcsfs, or
 tf.io.gfile when TensorFlow is installed) and commits a step by its own atomic protocol, so the
 path is handed over as given (`checkpoint_dir`: absolute when local, untouched when remote).
@@ -25,6 +30,8 @@ from pathlib import Path
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -32,6 +39,44 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dasd_jax import faults, storage
 from dasd_jax.sharding import named_sharding
+
+
+class NonFiniteCheckpoint(FloatingPointError):
+    """A checkpoint whose weights or optimizer state hold NaN or inf."""
+
+
+@jax.jit
+def _finite_flags(arrays):
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays])
+
+
+def nonfinite_arrays(tree) -> list[str]:
+    """Paths of the floating-point arrays of `tree` that hold a NaN or an inf (one jitted
+    call reducing every array to a flag, one transfer of the flags)."""
+    leaves = [
+        (jax.tree_util.keystr(path), x)
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    if not leaves:
+        return []
+    flags = _finite_flags([x for _, x in leaves])
+    return [name for (name, _), ok in zip(leaves, np.asarray(flags), strict=True) if not ok]
+
+
+def _refuse_nonfinite(tree, directory, step: int, others: list[int]) -> None:
+    bad = nonfinite_arrays(tree)
+    if not bad:
+        return
+    earlier = [s for s in others if s < step]
+    raise NonFiniteCheckpoint(
+        f"checkpoint step {step} in {directory} holds NaN or inf in {len(bad)} arrays "
+        f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): it was saved from a "
+        f"diverged run (versions before the train step's finite check saved such states). "
+        f"Refusing to use it: delete {directory}/{step} to "
+        + (f"resume from step {earlier[-1]}" if earlier else "start the stage over")
+        + ", and lower the learning rate"
+    )
 
 
 def checkpoint_dir(directory: str | os.PathLike) -> epath.Path:
@@ -105,6 +150,7 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         got = self.manager.restore(step, args=ocp.args.Composite(**items))
         state = {"model": got["model"], "opt": got["opt"], "rng": got["rng"]["key"]}
+        _refuse_nonfinite(state, self.directory, step, list(self.manager.all_steps()))
         return state, got["meta"]
 
     def wait(self) -> None:
@@ -115,9 +161,13 @@ class Checkpointer:
 
 
 def restore_model(directory: str | Path, step: int, abstract_model):
-    """Only the `model` item of checkpoint `step` under `directory` (another stage's)."""
-    with ocp.CheckpointManager(checkpoint_dir(directory)) as manager:
+    """Only the `model` item of checkpoint `step` under `directory` (another stage's); refused
+    (`NonFiniteCheckpoint`) when it holds NaN or inf."""
+    path = checkpoint_dir(directory)
+    with ocp.CheckpointManager(path) as manager:
         got = manager.restore(
             step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_model))
         )
+        steps = list(manager.all_steps())
+    _refuse_nonfinite(got["model"], path, step, steps)
     return got["model"]

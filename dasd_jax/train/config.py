@@ -7,12 +7,34 @@ decay 0.1, clip 1.0, global batch 64 packed rows of 64K tokens, 6 epochs per sta
 prompt "You are a helpful assistant.". Stage 3's single epoch is the paper's ablation setting.
 
 Paths may contain `{run_dir}`; source paths are globs of ArrayRecord files of `SFTRecord`s.
+
+Every number is checked when the config is built: a NaN, an inf or an out-of-range value is a
+config error naming the key (`stage1: lr=1e+39: ...`), not a run that trains on NaN. The peak
+LR must lie in (0, `MAX_LR`]: AdamW moves each weight by about the LR per step whatever the
+gradient's scale, so an LR above 1 destroys any model of unit-scale weights in one step (the
+paper's is 5e-5; LR 0 would train nothing and still write a checkpoint).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+MAX_LR = 1.0  # the largest peak learning rate accepted (AdamW)
+
+
+def _check(name, value, lo, hi=math.inf, *, lo_open=False, hi_open=False, why=""):
+    """ValueError unless `value` is a finite number in the interval lo..hi."""
+    ok = math.isfinite(value) and (lo < value if lo_open else lo <= value)
+    ok = ok and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open or hi == math.inf else "]"
+        raise ValueError(
+            f"{name}={value!r}: must be a finite number in {left}{lo:g}, {hi:g}{right}"
+            + (f" ({why})" if why else "")
+        )
 
 
 @dataclass(frozen=True)
@@ -24,8 +46,8 @@ class SourceConfig:
     max_records: int = 0  # > 0: a seeded subset of this many records (e.g. a 20K replay)
 
     def __post_init__(self):
-        if self.weight < 0:
-            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"weight must be a finite number >= 0, got {self.weight}")
         if self.max_records < 0:
             raise ValueError(f"max_records must be >= 0, got {self.max_records}")
 
@@ -51,10 +73,15 @@ class StageConfig:
     mask_student_prefix: bool = False
 
     def __post_init__(self):
+        if not math.isfinite(self.epochs):
+            raise ValueError(f"epochs={self.epochs!r}: must be a finite number")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("set epochs > 0 or max_steps > 0")
         if not 0 <= self.warmup_frac < 1:
             raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        why = "AdamW moves every weight by about lr per step; the paper's peak is 5e-5"
+        _check("lr", self.lr, 0.0, MAX_LR, lo_open=True, why=why)
+        _check("lr_floor", self.lr_floor, 0.0, MAX_LR)
         if self.lr_floor > self.lr:
             raise ValueError(f"lr_floor {self.lr_floor} is above lr {self.lr}")
 
@@ -118,6 +145,12 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        _check("b1", self.b1, 0.0, 1.0, hi_open=True)
+        _check("b2", self.b2, 0.0, 1.0, hi_open=True)
+        _check("eps", self.eps, 0.0, lo_open=True)
+        _check("weight_decay", self.weight_decay, 0.0)
+        _check("clip_norm", self.clip_norm, 0.0, lo_open=True)
+        _check("peak_tflops", self.peak_tflops, 0.0)
         micro = self.micro_batch or self.global_batch
         if self.global_batch % micro:
             raise ValueError(

@@ -10,6 +10,12 @@ folder is gs:// they are written to its local mirror (`storage.local_dir`) and u
 (each file atomically) by `close()`, which the stage calls when it finishes, stops on
 SIGTERM or fails; a run killed outright keeps them in the mirror only.
 
+A resumed run repeats the steps after its checkpoint, so `Metrics(..., resume_step=s)` first
+cuts `metrics.jsonl` back to the rows of steps <= s (rewritten atomically: a new file renamed
+over the old; a torn last line of a killed writer is dropped too) and tells TensorBoard to
+hide the events after step s (`purge_step`): every step appears once, with the values of the
+run that continued.
+
 MFU = model FLOPs per second / (devices x peak bf16 FLOP/s). Model FLOPs of a step are
 3x the forward (forward + backward, rematerialisation not counted, as is usual): 2 FLOPs per
 matmul parameter per token, plus causal attention, 4 * layers * heads * head_dim FLOPs per
@@ -88,6 +94,7 @@ class Metrics:
         tensorboard: bool,
         log_every: int = 1,
         stream=None,
+        resume_step: int | None = None,
     ):
         self.name, self.total, self.enabled, self.log_every = name, total_steps, enabled, log_every
         self.remote = os.fspath(out_dir) if storage.is_remote(out_dir) else None
@@ -99,6 +106,8 @@ class Metrics:
             published = storage.join(self.remote, "metrics.jsonl")
             if storage.exists(published):
                 storage.copy(published, self.path)
+        if enabled and resume_step is not None:
+            self.cut_to(resume_step)
         self.stream = stream or sys.stderr
         self.t0 = time.perf_counter()
         self.first_step: int | None = None
@@ -107,9 +116,38 @@ class Metrics:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+                purge = None if resume_step is None else resume_step + 1
+                self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=purge)
             except ImportError:
                 log.info("tensorboardX is not installed: metrics go to %s only", self.path)
+
+    def cut_to(self, step: int) -> int:
+        """Keep the rows of `metrics.jsonl` with step <= `step` (the checkpoint a resumed run
+        starts from); unreadable lines (a torn last line) go too. Returns the lines dropped."""
+        if not self.path.exists():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_bytes().split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+                keep = isinstance(row, dict) and int(row["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False  # a line cut short by a kill
+            if keep:
+                kept.append(line + b"\n")
+            else:
+                dropped += 1
+        if dropped:
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            with tmp.open("wb") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            log.info("%s: dropped %d lines after step %d (resumed there)", self.path, dropped, step)
+        return dropped
 
     def log(self, row: dict) -> None:
         if not self.enabled:

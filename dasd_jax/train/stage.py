@@ -11,9 +11,12 @@ stage 2's (or any HF folder given as `stage{n}.init_from`). Produces under
 Every stage starts with a fresh optimizer and schedule; only weights pass between stages.
 Restarting a stage resumes from its latest checkpoint: weights, optimizer, RNG, data position,
 step and counters, so the per-step losses are those of an uninterrupted run (bit-exact on
-CPU). SIGTERM (TPU preemption) sets a flag; the loop saves at the next step boundary, on all
-hosts at the same step, and returns. A NaN/inf loss raises `NonFiniteLoss` naming the step,
-before anything is saved: the checkpoints on disk stay the last good ones.
+CPU); `metrics.jsonl` is cut back to the checkpoint's step, so no step is logged twice.
+SIGTERM (TPU preemption) sets a flag; the loop saves at the next step boundary, on all hosts at
+the same step, and returns. A step whose loss, gradient norm, learning rate or updated state
+is not finite (the step's `all_finite`, see `train.step`) raises `NonFiniteLoss` naming the
+step, before anything is saved: a checkpoint is written only from a state known to be finite,
+so the ones on disk stay the last good ones and a diverged step never rotates them out.
 
 Paths may be gs:// (run_dir, init_from, sources): the stage folder is an `epath.Path`; small
 files go through `dasd_jax.storage` (atomic), checkpoints through Orbax, the export through
@@ -74,7 +77,8 @@ class StageError(RuntimeError):
 
 
 class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or infinite; nothing was saved after the last good step."""
+    """A step's loss, gradient norm, learning rate or updated weights/moments became NaN or
+    infinite; nothing was saved after the last good step."""
 
 
 def stage_dir(cfg: Config, stage: int) -> Path:
@@ -106,6 +110,8 @@ def resolve_init(cfg: Config, stage: int) -> Init:
     scfg = stage_config(cfg, stage)
     if scfg.init_from:
         path = storage.as_path(scfg.init_from)
+        if not path.exists():
+            raise StageError(f"stage{stage}.init_from={scfg.init_from}: {path} does not exist")
         if (path / "final.json").exists():  # another run's stage folder
             return _from_stage(path)
         if not (path / "config.json").exists():
@@ -117,6 +123,8 @@ def resolve_init(cfg: Config, stage: int) -> Init:
         return Init("hf", local, None, local, False)
     if stage == 1:
         if cfg.student.path:
+            if not storage.exists(cfg.student.path):
+                raise StageError(f"student.path={cfg.student.path} does not exist")
             local = Path(storage.download_dir(cfg.student.path))  # gs://: copied to the cache
             return Init("hf", local, None, local, False)
         from dasd_jax import embedded
@@ -369,7 +377,11 @@ def run(cfg: Config, stage: int, *, on_step=None) -> dict:
     )
     if start is not None:
         log.info("stage %d: resuming from step %d (%s)", stage, start, ckpt.directory)
-        state, meta = ckpt.restore(start, ts.abstract, data_iter)
+        try:
+            state, meta = ckpt.restore(start, ts.abstract, data_iter)
+        except BaseException:  # e.g. a checkpoint holding NaN (NonFiniteCheckpoint)
+            ckpt.close()
+            raise
         counters.update(meta.get("counters", {}))
         if meta.get("total_steps") != total:
             log.warning(
@@ -400,6 +412,7 @@ def run(cfg: Config, stage: int, *, on_step=None) -> dict:
         enabled=writer,
         tensorboard=tcfg.tensorboard,
         log_every=tcfg.log_every,
+        resume_step=start,  # a resumed run logs the steps after its checkpoint again
     )
     peak = peak_flops(jax.devices()[0].device_kind, tcfg.peak_tflops)
     summary = {
@@ -434,13 +447,8 @@ def run(cfg: Config, stage: int, *, on_step=None) -> dict:
     def finish(p) -> dict:
         step, dm, hs, t_start = p
         m = {k: float(v) for k, v in jax.device_get(dm).items()}
-        if not np.isfinite(m["loss"]):
-            last = ckpt.latest_step()
-            raise NonFiniteLoss(
-                f"stage {stage}: loss is {m['loss']} at step {step} (grad norm "
-                f"{m['grad_norm']}); stopping without saving. Last good checkpoint: "
-                + (f"step {last} in {ckpt.directory}" if last is not None else "none")
-            )
+        if not _finite_step(m):
+            raise NonFiniteLoss(_nonfinite_message(stage, step, m, ckpt))
         dt = time.perf_counter() - t_start
         counters["tokens_seen"] += hs["tokens_all"]
         counters["documents"] += hs["documents"]
@@ -528,6 +536,27 @@ def run(cfg: Config, stage: int, *, on_step=None) -> dict:
         }
         write_json(out / "final.json", final)  # atomic: the stage's completion marker
     return summary
+
+
+def _finite_step(m: dict) -> bool:
+    """The step's own on-device verdict (`all_finite`: loss, grad norm, lr and the whole
+    updated state) and, on the host, its loss, grad norm and lr."""
+    scalars = (m["loss"], m["grad_norm"], m["lr"])
+    return bool(m["all_finite"]) and all(np.isfinite(x) for x in scalars)
+
+
+def _nonfinite_message(stage: int, step: int, m: dict, ckpt: Checkpointer) -> str:
+    bad = [k.replace("_", " ") for k in ("loss", "grad_norm", "lr") if not np.isfinite(m[k])]
+    if not bad:  # the scalars are finite: the update itself overflowed
+        bad = ["the parameters or optimizer moments after the update"]
+    last = ckpt.latest_step()  # every checkpoint saved was checked finite before its save
+    return (
+        f"stage {stage}: loss is {m['loss']} at step {step} (grad norm {m['grad_norm']}, "
+        f"lr {m['lr']}); not finite: {', '.join(bad)}. Stopping without saving step {step}. "
+        "Last good checkpoint: "
+        + (f"step {last} in {ckpt.directory}" if last is not None else "none")
+        + f" (a lower stage{stage}.lr may get past it)"
+    )
 
 
 def _check_bad_records(bad_records: BadRows, counters: dict, final: bool) -> None:

@@ -3,7 +3,14 @@
 Consumes the train state (a pytree: `model` and `opt` NNX states and an `rng` key) and one
 global batch of int32 arrays [A, b, T] (A micro-batches of b packed rows: `tokens`,
 `loss_mask`, `positions`, `segment_ids`); produces the new state and scalar metrics (`loss`,
-`loss_tokens`, `grad_norm`, `lr`). No I/O.
+`loss_tokens`, `grad_norm`, `lr`, `all_finite`). No I/O.
+
+`all_finite` (one boolean, reduced on device) is True when the step's loss, its global
+gradient norm (before clipping) and its learning rate are finite *and* every floating-point
+array of the state after the update (parameters, Adam moments) is free of NaN and inf. The
+loss alone is not enough: it is computed before the update, so a finite loss can come with
+an update that turned the weights into NaN or inf (a learning rate far too large, an
+overflowing moment). The stage saves a checkpoint only from a step whose flag was True.
 
 Loss: the mean cross-entropy over *all* loss tokens of the global batch,
 sum(-log p) / count, not a mean of per-row or per-micro-batch means. Each micro-batch's
@@ -86,6 +93,19 @@ def grads_and_loss(model_def, params, batch_A: dict, chunk_size: int, param_shar
     return loss, grads, n_tokens
 
 
+def all_finite(*trees) -> jax.Array:
+    """True when no floating-point leaf of `trees` holds a NaN or an inf (a scalar, on device:
+    one read of each array, cheap next to a step). Integer leaves (step counts, packed MXFP4
+    weights) are always finite."""
+    ok = [
+        jnp.all(jnp.isfinite(x))
+        for t in trees
+        for x in jax.tree.leaves(t)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(ok)) if ok else jnp.asarray(True)
+
+
 def make_train_step(model_def, opt_def, schedule, chunk_size: int, param_shardings=None):
     """`train_step(state, batch_A) -> (state, metrics)`, pure; jit it with donation."""
 
@@ -103,7 +123,14 @@ def make_train_step(model_def, opt_def, schedule, chunk_size: int, param_shardin
             "opt": nnx.state(opt),
             "rng": jax.random.split(state["rng"])[0],
         }
-        return new, {"loss": loss, "loss_tokens": n_tokens, "grad_norm": grad_norm, "lr": lr}
+        finite = (
+            jnp.isfinite(loss)
+            & jnp.isfinite(grad_norm)
+            & jnp.isfinite(lr)
+            & all_finite(new["model"], new["opt"])
+        )
+        metrics = {"loss": loss, "loss_tokens": n_tokens, "grad_norm": grad_norm, "lr": lr}
+        return new, {**metrics, "all_finite": finite}
 
     return train_step
 
