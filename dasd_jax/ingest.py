@@ -160,8 +160,9 @@ def parse_line(raw: str | bytes, path: str | Path, line: int) -> dict[str, Any]:
     return row
 
 
-def detect_format(path: str | Path) -> str:
-    """`sft`, `candidates` or `openai`, from the first line that parses."""
+def sniff_format(path: str | Path) -> str | None:
+    """`sft`, `candidates` or `openai`, from the first line that parses; None when no line
+    holds a JSON object (an empty file, e.g. a shard all of whose rows were rejected)."""
     for _, raw in iter_lines(path):
         try:
             row = json.loads(raw)
@@ -175,6 +176,14 @@ def detect_format(path: str | Path) -> str:
         if {"prompt_id", "candidate", "response"} <= set(row):
             return "candidates"
         return "sft"
+    return None
+
+
+def detect_format(path: str | Path) -> str:
+    """`sniff_format`, or an error naming the file when it has no JSON object to tell from."""
+    fmt = sniff_format(path)
+    if fmt is not None:
+        return fmt
     raise ValueError(f"{path}: no JSON object found to detect the input format from")
 
 

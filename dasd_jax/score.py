@@ -392,9 +392,9 @@ class _Context:
         sc = self.cfg.score
         fmts = {
             self.formats.get(fi)
-            or (sc.input_format if sc.input_format != "auto" else ingest.detect_format(f))
+            or (sc.input_format if sc.input_format != "auto" else ingest.sniff_format(f))
             for fi, f in enumerate(self.files)
-        }
+        } - {None}  # a file with no row (all of a sample shard's rows rejected) has no format
         return fmts.pop() if len(fmts) == 1 else ("mixed" if fmts else self.cfg.score.input_format)
 
     @property
