@@ -577,13 +577,15 @@ def _run_step(
         "argv": sys.argv,
     }
     manifest.set(step.name, record)
-    faults.step = step.name
+    faults.step = step.name  # the stage's own writes; the manifest's below are not
     try:
         summary = run(cfg)
     except BaseException as e:
+        faults.step = "-"
         record.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000], finished=_now())
         Manifest(cfg.run_dir).set(step.name, record)  # re-read: a stage may not touch it
         raise
+    faults.step = "-"
     summary = summary if isinstance(summary, dict) else {"result": summary}
     counts = counts_of(step.stage, summary)
     preempted = bool(summary.get("preempted"))
