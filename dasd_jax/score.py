@@ -100,7 +100,11 @@ def input_spec(cfg: Config) -> str:
     sample = storage.join(cfg.run_dir, "sample")
     if not storage.isdir(sample):
         return ""
-    journals = storage.glob(storage.join(storage.local_dir(sample), "t*", "part-*.journal"))
+    journals = [  # of unfinished shards: a finished part's journal is a dead leftover
+        j
+        for j in storage.glob(storage.join(storage.local_dir(sample), "t*", "part-*.journal"))
+        if not storage.exists(storage.join(sample, *Path(j).with_suffix(".jsonl").parts[-2:]))
+    ]
     if storage.exists(storage.join(sample, "summary.json")) and not journals:
         log.info("score.input is empty: scoring the sample stage's output %s", sample)
         return sample

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -177,6 +178,35 @@ def test_sample_refuses_a_resume_under_other_settings(tmp_path):
     assert record["settings"]["sample"]["n"] == 3 and len(_parts(out)) == 6
 
 
+def test_a_kill_after_a_shard_is_published_leaves_no_dead_journal(tmp_path, monkeypatch):
+    """Killed between publishing a part file and removing its journal: the re-run removes
+    the journal (the part is the result) and the output equals an uninterrupted run's."""
+    data = _prompts(tmp_path / "prompts.jsonl")
+    _sample(tmp_path / "ref", data)
+    ref = {**_parts(tmp_path / "ref" / "sample"), **_parts(tmp_path / "ref" / "sample", "rej*")}
+    real_unlink = Path.unlink
+
+    class Killed(BaseException):
+        pass
+
+    def unlink_or_die(self, *a, **k):
+        if self.suffix == ".journal" and self.exists():
+            raise Killed  # nothing after this runs
+        return real_unlink(self, *a, **k)
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(Path, "unlink", unlink_or_die)
+    with pytest.raises(Killed):
+        _sample(run_dir, data)
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    out = run_dir / "sample"
+    (dead,) = out.rglob("*.journal")
+    assert dead.with_suffix(".jsonl").exists()  # its shard is done
+    _sample(run_dir, data)
+    assert not list(out.rglob("*.journal"))
+    assert {**_parts(out), **_parts(out, "rej*")} == ref
+
+
 # --------------------------------------------------------------------------- score
 
 
@@ -258,6 +288,10 @@ def test_score_with_no_input_uses_the_demo_rows_only_without_sample_output(
     journal.write_text('{"line": 1, "candidates": []}\n')
     with pytest.raises(FileNotFoundError, match=r"unfinished sample run .*score\.input="):
         score.resolve_inputs(_score_cfg(tmp_path / "killed", student))
+    # a finished shard's journal (a kill after its part was published) is a dead leftover
+    journal.with_suffix(".jsonl").write_text("")
+    (tmp_path / "killed" / "sample" / "summary.json").write_text("{}\n")
+    assert score.input_spec(_score_cfg(tmp_path / "killed", student)) == str(journal.parents[1])
 
 
 def _resumable(scored, tmp_path):

@@ -409,8 +409,9 @@ def test_prefix_and_continuation_match_the_models(reference, models):
 
 
 def test_resume_after_kills_gives_identical_files(reference, models, tmp_path, monkeypatch):
-    """Killed once while the student answers and once while the teacher continues: each
-    restart redoes no journaled work, and the end result equals an uninterrupted run."""
+    """Killed once while the student answers, once while the teacher continues and once
+    between a shard's done marker and its journal's removal: each restart redoes no journaled
+    work, leaves no dead journal, and the end result equals an uninterrupted run."""
     ref_dir, _ = reference
     ref = _outputs(ref_dir / "mixed_policy")
     run_dir = _sources(tmp_path)
@@ -444,6 +445,24 @@ def test_resume_after_kills_gives_identical_files(reference, models, tmp_path, m
     assert len(cut_before) == 2
     assert not cut_before & {e["q"] for e in second if e["phase"] == "student"}  # not redone
     decided = {e["q"] for e in first + second if e["phase"] == "final"}
+    # killed between a shard's done marker and its journal's removal: a dead journal
+    real_unlink = Path.unlink
+
+    def unlink_or_die(self, *a, **k):
+        if self.suffix == ".journal" and self.exists():
+            raise Killed
+        return real_unlink(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", unlink_or_die)
+    with pytest.raises(Killed):
+        stage.run(_cfg(run_dir, models))
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    dead = [
+        j
+        for j in (out / "shards").glob("*.journal")
+        if (out / "shards" / j.name.replace("shard-", "done-")).with_suffix(".json").exists()
+    ]
+    assert len(dead) == 1
     summary = stage.run(_cfg(run_dir, models))
     assert _outputs(out) == ref
     assert not list((out / "shards").glob("*.journal"))

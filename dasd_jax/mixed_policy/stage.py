@@ -585,6 +585,7 @@ def run(cfg: Config) -> dict:
     for k in range(proc, n_shards, n_proc):
         sh = Shard(k, out, qs[k * size : (k + 1) * size], local=local)
         if storage.exists(sh.done):
+            sh.journal.unlink(missing_ok=True)  # dead: left by a kill just after the marker
             continue
         sh.read_journal()
         mine.append(sh)

@@ -417,6 +417,9 @@ def run_shards(cfg: Config, backend, data_path: str | Path, teacher_name: str) -
                     continue
                 shard = _Shard(T, index, folder, local)
                 if shard_name(index) in parts_done:
+                    # a kill between publishing the part and removing the journal leaves
+                    # a journal that is dead: the part is the shard's result
+                    shard.journal.unlink(missing_ok=True)
                     skipped[0] += 1
                     progress.update(len(rows) * sc.n)
                     continue
