@@ -18,6 +18,7 @@ from dasd_jax.select.das import (
     SelectConfig,
     classify,
     counted_sentences,
+    length_slope,
     rank_candidates,
     response_stats,
     score_response,
@@ -212,6 +213,37 @@ def test_rules_and_tie_break():
     assert order("longest") == [1, 0, 3, 2]
     # count 3 first, then the three 5s by the same tie-break
     assert order("min_teacher_count") == [2, 0, 1, 3]
+
+
+def test_length_matched_rule_by_hand():
+    # Teacher count (t) against student tokens over the pool's unrejected candidates:
+    # x = 10, 50, 10, 50 and y = 3, 6, 1, 5 -> slope = 140 / 1600 = 0.0875 (the rejected one,
+    # far off the line, does not count)
+    pool = [
+        cand("p", 0, 3, 0, 0, tokens=10),
+        cand("p", 1, 6, 0, 0, tokens=50),
+        cand("q", 0, 1, 0, 0, tokens=10),
+        cand("q", 1, 5, 0, 0, tokens=50),
+        cand("q", 2, 40, 0, 0, tokens=12, rejected="too_long"),
+    ]
+    assert length_slope(pool, by_tokens=True) == pytest.approx(0.0875)
+    cfg = SelectConfig(rule="max_teacher_count_for_length")
+    # p: 3 - 0.875 = 2.125 beats 6 - 4.375 = 1.625, where the plain count keeps the long one;
+    # q: 1 - 0.875 = 0.125 loses to 5 - 4.375 = 0.625
+    picked = {(c.prompt_id, c.index) for c in select(pool, cfg).selected}
+    assert picked == {("p", 0), ("q", 1)}
+    plain = select(pool, SelectConfig(rule="max_teacher_count")).selected
+    assert {(c.prompt_id, c.index) for c in plain} == {("p", 1), ("q", 1)}
+    # one prompt alone uses its own slope, (6 - 3) / 40 = 0.075: 2.25 each, a tie that the
+    # fixed tie-break (more Teacher sentences) settles
+    assert order("max_teacher_count_for_length", pool[:2]) == [1, 0]
+    # equal lengths: the slope is 0 and the rule is the plain count
+    same = [cand("r", 0, 2, 0, 0, tokens=9), cand("r", 1, 4, 0, 0, tokens=9)]
+    assert length_slope(same, by_tokens=True) == 0.0
+    assert order("max_teacher_count_for_length", same) == [1, 0]
+    with pytest.raises(ValueError, match="needs ResponseStats"):
+        unscored = Candidate("s", 0, n_chars=5, n_student_tokens=3, stats=None)
+        select([unscored, cand("s", 1, 1, 0, 0, tokens=4)], cfg)
 
 
 def test_tie_break_down_to_index_and_longest_by_chars():

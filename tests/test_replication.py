@@ -32,7 +32,7 @@ def test_styles_reach_the_answer_and_are_detected():
     for p in problems:
         assert task.parse_prompt(p.prompt) == p
         assert 3 <= len(p.path) <= 5 and len(set(p.path)) == len(p.path)
-        for style in task.STYLES:
+        for style in task.ALL_STYLES:
             r = task.solve(p, style)
             assert task.final_answer(r) == p.answer
             assert task.exact_match(r, p.answer) is True
@@ -56,6 +56,25 @@ def test_answer_by_hand():
     assert task.final_answer("<think>\nno\n</think>\n\nI think G") is None
     assert task.final_answer("The answer is G.") is None  # no </think>: no answer
     assert task.exact_match("x</think>\n\nThe answer is G.", "not a letter") is None
+    recap = task.solve(p, "recap").splitlines()
+    assert recap[2:4] == [
+        "Starting from B, we look up each letter in the list.",
+        "The letters we visit are A, D, G.",
+    ]
+    assert len(recap) == 1 + 8 + 3  # <think>, eight lines, </think>, blank, answer
+
+
+def test_decoupled_styles_rank_opposite_by_length_and_lines():
+    # the variant's premise, in characters: recap is the longest style on every pool path,
+    # compact and full have a line per arrow followed (one Teacher sentence each when the
+    # student never wrote them), recap's content is one line
+    for p in task.generate(200, seed=3):
+        length = {st: len(task.solve(p, st)) for st in task.VARIANTS["decoupled"].teacher_styles}
+        assert max(length, key=length.get) == "recap"
+        assert task.solve(p, "compact").count("\n") == len(p.path) + 1 + 3
+    v = task.VARIANTS["decoupled"]
+    assert v.student_styles == ("recap",) and "recap" in v.teacher_styles
+    assert "words" not in v.teacher_styles and v.temperatures == (1.0,)
 
 
 def test_splits_are_disjoint_and_seeded():
@@ -100,9 +119,7 @@ def test_output_stats_by_hand():
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def reduced_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("replication")
+def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     # one CPU device, as a user runs it (conftest gives this process 8 fake ones)
     flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
@@ -116,12 +133,19 @@ def reduced_run(tmp_path_factory):
         "--reduced",
         "--seeds",
         str(SEEDS),
+        *extra,
     ]
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stderr[-4000:]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def reduced_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("replication")
+    _run(out)
     results = json.loads((out / "run/results.json").read_text())
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-4000:]
+    _run(out)
     return out / "run", results, json.loads((out / "run/results.json").read_text())
 
 
@@ -222,3 +246,86 @@ def test_rerun_resumes_with_the_same_numbers(reduced_run):
     # nothing was recomputed: the models, samples and arms were all reused
     assert second["timings_s"]["total"] < first["timings_s"]["total"]
     assert second["selection"] == first["selection"]
+
+
+# --------------------------------------------------------------------------- decoupled variant
+
+
+@pytest.fixture(scope="module")
+def decoupled_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("decoupled")
+    _run(out, "--task", "decoupled")
+    return out / "run", json.loads((out / "run/results.json").read_text())
+
+
+def _pool(out: Path) -> dict:
+    """(prompt, candidate) -> Teacher count, student tokens, ratio, correct, from the
+    all-candidates select run and the score stage's files."""
+    rows = {}
+    for line in (out / "analysis/t1/all_beta0.1/selected.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rows[r["prompt_id"], r["candidate"]] = dict(r)
+    for part in sorted((out / "pool/score_t1/score").glob("part-*.jsonl")):
+        for line in part.read_text().splitlines():
+            c = json.loads(line)
+            key = c["prompt_id"], c["candidate"]
+            if key in rows:
+                rows[key]["tokens"] = len(c["student"]["token_ids"])
+                rows[key]["correct"] = task.exact_match(c["response"], c["reference_answer"])
+    return rows
+
+
+@pytest.mark.slow
+def test_decoupled_arms_follow_their_rules_at_equal_budgets(decoupled_run):
+    out, res = decoupled_run
+    arms = ("rs_t1.0", "longest_t1.0", "das_t1.0", "das_ratio_t1.0", "das_for_length_t1.0")
+    assert set(res["avg@k"]) == {"base", *arms}
+    assert res["task"] == "decoupled" and "recap" in res["styles"]
+    pool = _pool(out)
+    # the length-matched rule's slope, by hand: least squares of Teacher count on tokens
+    xs = [v["tokens"] for v in pool.values()]
+    ys = [v["n_teacher"] for v in pool.values()]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+    score = {
+        "longest_t1.0": lambda v: v["tokens"],
+        "das_t1.0": lambda v: v["n_teacher"],
+        "das_ratio_t1.0": lambda v: v["teacher_ratio"],
+        "das_for_length_t1.0": lambda v: v["n_teacher"] - slope * v["tokens"],
+    }
+    for s in range(SEEDS):
+        picks = {a: _selected(out, s, a) for a in arms}
+        prompts = {a: {r["prompt_id"] for r in p} for a, p in picks.items()}
+        assert all(len(p) == res["settings"]["budget"] for p in picks.values())
+        assert len({frozenset(p) for p in prompts.values()}) == 1  # the same prompts
+        for arm, key in score.items():
+            for r in picks[arm]:
+                mine = key(pool[r["prompt_id"], r["candidate"]])
+                best = max(key(v) for (p, _), v in pool.items() if p == r["prompt_id"])
+                assert mine == pytest.approx(best), (arm, r)
+    for k in ("das_t1.0 - longest_t1.0", "das_for_length_t1.0 - longest_t1.0"):
+        assert res["paired"][k]["n"] == SEEDS
+    assert 0.0 <= res["agreement"]["longest_t1.0 = das_t1.0"] <= 1.0
+    text = (out / "report.md").read_text()
+    assert "Every arm at the same budget" in text and "Table 3" not in text
+
+
+@pytest.mark.slow
+def test_decoupled_figure6_table_matches_the_candidates(decoupled_run):
+    out, res = decoupled_run
+    f6 = res["analysis"]["t1"]["figure6"]
+    assert f6["source"] == "bench.replication.task:exact_match"
+    # the select stage's table equals the one recomputed from its kept candidates
+    check = res["analysis"]["t1"]["figure6_check"]
+    for name in ("correct", "incorrect"):
+        assert f6["groups"][name]["candidates"] == check[name]["candidates"]
+        for kind in ("teacher", "student", "shared"):
+            if check[name]["candidates"]:
+                assert f6["groups"][name]["mean"][kind] == pytest.approx(check[name]["mean"][kind])
+                assert f6["groups"][name]["share"][kind] == pytest.approx(
+                    check[name]["share"][kind]
+                )
+    pool = _pool(out)
+    assert check["correct"]["candidates"] == sum(bool(v["correct"]) for v in pool.values())
+    assert "cf. paper Figure 6" in (out / "report.md").read_text()

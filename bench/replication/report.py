@@ -210,13 +210,62 @@ def sentence_probabilities(scored_dir: Path, betas) -> dict:
 # --------------------------------------------------------------------------- results
 
 
-def build(out, p, preset_name, arms, temps, sets, model_info, evals, teacher_eval, selections):
-    """Every number of the report, as one JSON-able dict."""
+def by_correctness(folder: Path, index: dict) -> dict:
+    """Mean Teacher / Student / Shared sentences per candidate and their shares, in correct vs
+    incorrect candidates (exact match), from a select run that kept every candidate: the
+    paper's Figure 6, computed here independently of the select stage's own table."""
+    groups: dict[str, list] = {"correct": [], "incorrect": []}
+    for s in read_selected(folder):
+        ok = index[s["prompt_id"], int(s["candidate"])]["correct"]
+        groups["correct" if ok else "incorrect"].append([s.get(f"n_{k}", 0) or 0 for k in KINDS])
+    out = {}
+    for name, v in groups.items():
+        a = np.asarray(v, float).reshape(-1, len(KINDS))
+        total = max(a.sum(), 1.0)
+        out[name] = {
+            "candidates": len(v),
+            "mean": {k: float(a[:, j].mean()) if len(v) else None for j, k in enumerate(KINDS)},
+            "share": {k: float(a[:, j].sum() / total) for j, k in enumerate(KINDS)},
+        }
+    return out
+
+
+def agreement(out: Path, seeds, arms) -> dict:
+    """Per pair of single-stage arms at one temperature and budget: the share of prompts on
+    which both kept the same candidate (mean over seeds). Near 1, two rules are one rule here."""
+    single = [a for a in arms if a.after is None]
+    res = {}
+    for i, a in enumerate(single):
+        for b in single[i + 1 :]:
+            if (a.temperature, a.budget_x) != (b.temperature, b.budget_x):
+                continue
+            same = []
+            for s in seeds:
+                pa = {r["prompt_id"]: r["candidate"] for r in read_selected(_sel(out, s, a))}
+                pb = {r["prompt_id"]: r["candidate"] for r in read_selected(_sel(out, s, b))}
+                same.append(np.mean([pa[k] == pb.get(k) for k in pa]) if pa else 0.0)
+            res[f"{a.name} = {b.name}"] = float(np.mean(same))
+    return res
+
+
+def _sel(out: Path, seed: int, arm) -> Path:
+    return out / f"seed{seed}" / arm.name / "select"
+
+
+def build(
+    out, p, preset_name, v, arms, pairs, sets, model_info, evals, teacher_eval, selections
+):  # fmt: skip
+    """Every number of the report, as one JSON-able dict. v: the task variant; pairs: the
+    (a, b) arms whose per-seed difference a - b is reported."""
     from bench.replication.run import tdir
 
     seeds = sorted(evals)
+    temps = v.temperatures
     index = {tdir(t): candidate_index(out / "pool" / f"score_{tdir(t)}" / "score") for t in temps}
     res: dict = {
+        "task": v.name,
+        "styles": list(v.teacher_styles),
+        "student_styles": list(v.student_styles),
         "preset": preset_name,
         "seeds": seeds,
         "settings": json.loads(json.dumps(p.__dict__)),
@@ -240,17 +289,7 @@ def build(out, p, preset_name, arms, temps, sets, model_info, evals, teacher_eva
     }
     res["outputs"]["teacher"] = output_stats(teacher_eval["rows"])
     # paired differences (same seed: same prompts, order, evaluation random numbers)
-    pairs = {
-        "das_t0.6 - rs_t0.6": ("das_t0.6", "rs_t0.6"),
-        "das_t1.0 - rs_t1.0": ("das_t1.0", "rs_t1.0"),
-        "das_t1.0 - rs_t1.0_2x": ("das_t1.0", "rs_t1.0_2x"),
-        "das_t0.6_then_t1.0 - das_t1.0": ("das_t0.6_then_t1.0", "das_t1.0"),
-        "das_t0.6_then_t1.0 - rs_t1.0_2x": ("das_t0.6_then_t1.0", "rs_t1.0_2x"),
-        "das_t0.6_then_t1.0 - das_t0.6": ("das_t0.6_then_t1.0", "das_t0.6"),
-        "das_t0.6 - longest_t0.6": ("das_t0.6", "longest_t0.6"),
-        "das_t1.0 - longest_t1.0": ("das_t1.0", "longest_t1.0"),
-    }
-    pairs = {k: ab for k, ab in pairs.items() if set(ab) <= set(names)}
+    pairs = {f"{a} - {b}": (a, b) for a, b in pairs if {a, b} <= set(names)}
     res["paired"] = {
         k: mean_ci([evals[s][a]["avg@k"] - evals[s][b]["avg@k"] for s in seeds])
         for k, (a, b) in pairs.items()
@@ -275,6 +314,7 @@ def build(out, p, preset_name, arms, temps, sets, model_info, evals, teacher_eva
             _final_steps(out / f"seed{s}" / a.name / f"stage{a.stage}") for s in seeds
         ]
     res["selection"] = sel
+    res["agreement"] = agreement(out, seeds, arms)
     # selection-only analysis: sentence types by style; DAS's pick at each beta
     res["analysis"] = {}
     for name, sels in selections.items():
@@ -286,6 +326,9 @@ def build(out, p, preset_name, arms, temps, sets, model_info, evals, teacher_eva
                 for b, folder in sels["picks"].items()
             },
             "random_pick_expectation": pool_stats(index[name]),
+            # the paper's Figure 6: the select stage's table, and the same recomputed here
+            "figure6": json.loads((sels["all"] / "summary.json").read_text()).get("correctness"),
+            "figure6_check": by_correctness(sels["all"], index[name]),
         }
     res["tables"] = tables(res, arms)
     res["plots"] = plots(out, res, arms)
@@ -334,6 +377,8 @@ LABELS = {
     "longest_t0.6": "B longest T=0.6 (control)",
     "longest_t1.0": "B longest T=1.0 (control)",
     "das_t0.6_then_t1.0": "B DAS T=0.6, then B DAS T=1.0 (stage 2)",
+    "das_ratio_t1.0": "B DAS by ratio T=1.0",
+    "das_for_length_t1.0": "B length-matched DAS T=1.0",
 }
 
 
@@ -354,6 +399,23 @@ def tables(res: dict, arms) -> dict:
         toks = f"{s['mean_student_tokens']['mean']:.0f}" if s else "-"
         return f"| {LABELS[name]} | {_pct(acc[name])} | {per} | {corr} | {toks} |\n"
 
+    if res.get("task", "arrows") != "arrows":
+        arms_table = head + "".join(row(name) for name in ["base", *(a.name for a in arms)])
+        t3 = t7 = ""
+    else:
+        arms_table = ""
+        t3, t7 = _arrows_tables(res, row, head)
+    return {
+        "table3": t3,
+        "table7": t7,
+        "arms": arms_table,
+        **_common_tables(res),
+    }
+
+
+def _arrows_tables(res: dict, row, head: str) -> tuple[str, str]:
+    """The first variant's tables, shaped like the paper's Tables 3 and 7."""
+    acc, k, n = res["avg@k"], res["settings"]["k"], len(res["seeds"])
     t3 = head + "".join(
         row(n_)
         for n_ in (
@@ -387,6 +449,34 @@ def tables(res: dict, arms) -> dict:
         + ", ".join(f"{100 * v:.1f}" for v in acc["rs_t1.0_2x"]["values"])
         + " |\n"
     )
+    return t3, t7
+
+
+def _figure6(f6: dict | None) -> str:
+    if not f6 or not f6.get("groups"):
+        return "(no candidate judged)\n"
+    out = (
+        "| candidates | n | Teacher / Student / Shared per candidate | "
+        "Teacher / Student / Shared share (%) |\n|---|---|---|---|\n"
+    )
+    for name, g in f6["groups"].items():
+        if not g["candidates"]:
+            out += f"| {name} | 0 | - | - |\n"
+            continue
+        m, sh = g["mean"], g["share"]
+        out += (
+            f"| {name} | {g['candidates']} | "
+            + " / ".join(f"{m[k]:.2f}" for k in KINDS)
+            + " | "
+            + " / ".join(f"{100 * sh[k]:.1f}" for k in KINDS)
+            + " |\n"
+        )
+    return out + f"\nNot judged: {f6.get('not_judged', 0)}; judge: `{f6.get('source')}`.\n"
+
+
+def _common_tables(res: dict) -> dict:
+    """The tables every variant reports."""
+    sel = res["selection"]
     paired = "| difference (same seeds) | avg@k points, mean ± 95% CI |\n|---|---|\n" + "".join(
         f"| {k_} | {_signed(v)} |\n" for k_, v in res["paired"].items()
     )
@@ -406,7 +496,7 @@ def tables(res: dict, arms) -> dict:
             + f" | {100 * f.get('teacher', 0):.0f} / {100 * f.get('student', 0):.0f} / "
             f"{100 * f.get('shared', 0):.0f} | {_pct(s['correct'])} |\n"
         )
-    out_styles = [*task.STYLES, "other"]
+    out_styles = [*res.get("styles", task.STYLES), "other"]
     outputs = (
         "| model | "
         + " | ".join(f"{st}: share / correct (%)" for st in out_styles)
@@ -423,6 +513,7 @@ def tables(res: dict, arms) -> dict:
     kinds = ""
     beta = ""
     probs = ""
+    figure6 = ""
     betas = [f"{b:g}" for b in res["settings"]["betas"]]
     for t, a in res["analysis"].items():
         probs += f"\nT = {_temp(t)}:\n\n| style | position | sentences | mean p_T | mean p_S | "
@@ -446,6 +537,7 @@ def tables(res: dict, arms) -> dict:
                 f"| {style} | {v['candidates']} | {v['teacher']:.2f} | {v['student']:.2f} | "
                 f"{v['shared']:.2f} |\n"
             )
+        figure6 += f"\nT = {_temp(t)}:\n\n" + _figure6(a.get("figure6"))
         pool = a["random_pick_expectation"]
         beta += f"\nT = {_temp(t)} (all {pool['candidates']} candidates: "
         beta += f"{100 * pool['correct']:.1f}% correct):\n\n"
@@ -457,10 +549,13 @@ def tables(res: dict, arms) -> dict:
                 + " | ".join(f"{100 * v['styles'].get(st, 0):.0f}" for st in styles)
                 + f" | {100 * v['sentence_fractions']['teacher']:.0f} |\n"
             )
+    agree = "| arms | prompts where both kept the same candidate (%) |\n|---|---|\n" + "".join(
+        f"| {k} | {100 * v:.0f} |\n" for k, v in res.get("agreement", {}).items()
+    )
     return {
-        "table3": t3,
-        "table7": t7,
         "paired": paired,
+        "agreement": agree,
+        "figure6": figure6,
         "selection": sel_tab,
         "outputs": outputs,
         "kinds_by_style": kinds,
@@ -473,8 +568,20 @@ def write_markdown(out: Path, res: dict) -> Path:
     t = res["tables"]
     te = res["teacher_eval"]
     pool = res["pool"]
+    if res.get("task", "arrows") == "arrows":
+        main = [
+            "## DAS vs random at the same budget (cf. paper Table 3)",
+            "",
+            t["table3"],
+            "## Temperature schedule (cf. paper Table 7 and Table 1's cold start)",
+            "",
+            t["table7"],
+        ]
+    else:
+        main = ["## Every arm at the same budget", "", t["arms"]]
     lines = [
-        f"# Miniature replication ({res['preset']} preset, seeds {res['seeds']})",
+        f"# Miniature replication, `{res.get('task', 'arrows')}` task ({res['preset']} preset, "
+        f"seeds {res['seeds']})",
         "",
         f"Command: `{res.get('command', '')}`; wall time {res.get('timings_s', {})} s.",
         "",
@@ -483,15 +590,13 @@ def write_markdown(out: Path, res: dict) -> Path:
         + ", ".join(f"T={_temp(name)}: {100 * v['correct']:.1f}%" for name, v in pool.items())
         + ".",
         "",
-        "## DAS vs random at the same budget (cf. paper Table 3)",
-        "",
-        t["table3"],
-        "## Temperature schedule (cf. paper Table 7 and Table 1's cold start)",
-        "",
-        t["table7"],
+        *main,
         "## Paired differences",
         "",
         t["paired"],
+        "## How often two rules keep the same candidate (mean over seeds)",
+        "",
+        t["agreement"],
         "## What each arm trained on (mean over seeds)",
         "",
         t["selection"],
@@ -500,6 +605,8 @@ def write_markdown(out: Path, res: dict) -> Path:
         t["outputs"],
         "## Sentence types per candidate, by style (beta = 0.1)",
         t["kinds_by_style"],
+        "## Sentence types in correct vs incorrect candidates (cf. paper Figure 6)",
+        t["figure6"],
         "## Sentence probabilities by style and position (all candidates)",
         t["sentence_probabilities"],
         "## DAS's pick at several beta (all prompts, one per prompt)",
@@ -589,6 +696,11 @@ def plots(out: Path, res: dict, arms) -> list[str]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     files.append(_save(fig, d / "beta.png", out))
+    # 5. the select stage's own Figure 6 plot (correct vs incorrect candidates)
+    for t in an:
+        f6 = out / "analysis" / t / "all_beta0.1" / "plots" / "correctness.png"
+        if f6.exists():
+            files.append(str(f6.relative_to(out)))
     return files
 
 

@@ -2,6 +2,12 @@
 
     python bench/replication/run.py --out runs/replication            # full run (~1 h, 2 cores)
     python bench/replication/run.py --out runs/replication-ci --reduced    # CI form (minutes)
+    python bench/replication/run.py --task decoupled --out runs/decoupled --seeds 5
+
+`--task` picks the variant (`task.VARIANTS`): `arrows` (default, the arms below) or
+`decoupled`, where length and Teacher-sentence count rank the teacher's styles in opposite
+orders, with the arms `DECOUPLED_ARMS` at T=1.0: random, longest, DAS by count, by ratio and
+length-matched (`select.rule=max_teacher_count_for_length`).
 
 Consumes nothing but its arguments. Produces, under `--out`:
 
@@ -50,8 +56,6 @@ if str(REPO) not in sys.path:  # `python bench/replication/run.py` from anywhere
 from bench.replication import models, report, task  # noqa: E402
 
 log = logging.getLogger("replication")
-
-TEMPS = (0.6, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +149,39 @@ ARMS = (
     Arm("longest_t0.6", 0.6, "longest"),
     Arm("longest_t1.0", 1.0, "longest"),
 )
+# The `decoupled` variant, T=1.0 only: does DAS pick something that length alone does not?
+DECOUPLED_ARMS = (
+    Arm("rs_t1.0", 1.0, "random"),
+    Arm("longest_t1.0", 1.0, "longest"),
+    Arm("das_t1.0", 1.0, "max_teacher_count"),
+    Arm("das_ratio_t1.0", 1.0, "max_teacher_ratio"),
+    Arm("das_for_length_t1.0", 1.0, "max_teacher_count_for_length"),
+)
+ARMS_BY_TASK = {"arrows": ARMS, "decoupled": DECOUPLED_ARMS}
+# Paired differences reported per variant (a - b, same seed)
+PAIRS_BY_TASK = {
+    "arrows": (
+        ("das_t0.6", "rs_t0.6"),
+        ("das_t1.0", "rs_t1.0"),
+        ("das_t1.0", "rs_t1.0_2x"),
+        ("das_t0.6_then_t1.0", "das_t1.0"),
+        ("das_t0.6_then_t1.0", "rs_t1.0_2x"),
+        ("das_t0.6_then_t1.0", "das_t0.6"),
+        ("das_t0.6", "longest_t0.6"),
+        ("das_t1.0", "longest_t1.0"),
+    ),
+    "decoupled": (
+        ("das_t1.0", "longest_t1.0"),
+        ("das_ratio_t1.0", "longest_t1.0"),
+        ("das_for_length_t1.0", "longest_t1.0"),
+        ("das_t1.0", "rs_t1.0"),
+        ("longest_t1.0", "rs_t1.0"),
+        ("das_t1.0", "das_for_length_t1.0"),
+        ("das_t1.0", "das_ratio_t1.0"),
+    ),
+}
+# The analysis' all-candidates select run judges each candidate (the Figure 6 table)
+JUDGE = "bench.replication.task:exact_match"
 
 
 def tdir(t: float) -> str:
@@ -244,15 +281,15 @@ def build_data(out: Path, p: Preset) -> dict:
     return sets
 
 
-def build_models(out: Path, p: Preset, sets: dict) -> dict:
+def build_models(out: Path, p: Preset, sets: dict, v: task.Variant) -> dict:
     """Tokenizers, then the pre-trained teacher and student (each reused when present)."""
     from dasd_jax.tokenizer import DEFAULT_SYSTEM_PROMPT, render_chat
 
     info = {}
     plans = (
-        ("teacher", sets["teacher"], task.STYLES, models.TEACHER_ARCH, p.teacher_vocab,
+        ("teacher", sets["teacher"], v.teacher_styles, models.TEACHER_ARCH, p.teacher_vocab,
          p.teacher_steps, p.teacher_lr, 1),
-        ("student", sets["student"], task.STUDENT_STYLES, models.STUDENT_ARCH, p.student_vocab,
+        ("student", sets["student"], v.student_styles, models.STUDENT_ARCH, p.student_vocab,
          p.student_steps, p.student_lr, 2),
     )  # fmt: skip
     for name, problems, styles, arch, vocab, steps, lr, seed in plans:
@@ -263,7 +300,7 @@ def build_models(out: Path, p: Preset, sets: dict) -> dict:
             # Each tokenizer learns its merges from its own model's prompts written in every
             # style (a real student's vocabulary covers the words of the teacher's style too;
             # what the student lacks is the habit, i.e. its pre-training data below).
-            corpus = models.styled_pairs(problems, task.STYLES, seed)
+            corpus = models.styled_pairs(problems, v.teacher_styles, seed)
             texts = [render_chat(q, r, DEFAULT_SYSTEM_PROMPT).text for q, r in corpus]
             tmp = tok_dir.with_name(tok_dir.name + ".tmp")
             models.build_bpe_tokenizer(tmp, texts, vocab)
@@ -274,7 +311,7 @@ def build_models(out: Path, p: Preset, sets: dict) -> dict:
     return info
 
 
-def sample_pool(out: Path, p: Preset) -> None:
+def sample_pool(out: Path, p: Preset, temps: tuple[float, ...]) -> None:
     """The `sample` stage: n candidates per pool prompt at T=0.6 and T=1.0, in
     `pool/sample/t<T>/part-*.jsonl` (the `score` stage reads each temperature's folder)."""
     from dasd_jax.sample import stage as sample_stage
@@ -290,7 +327,7 @@ def sample_pool(out: Path, p: Preset) -> None:
                 "id_field": "id",
                 "prompt_field": "problem",
                 "answer_field": "answer",
-                "temperatures": list(TEMPS),
+                "temperatures": list(temps),
                 "n": p.n_candidates,
                 "max_tokens": p.teacher_max_tokens,
                 "prompts_per_shard": 128,
@@ -299,11 +336,11 @@ def sample_pool(out: Path, p: Preset) -> None:
         sample_stage.run(cfg)
 
 
-def score_pool(out: Path, p: Preset) -> None:
+def score_pool(out: Path, p: Preset, temps: tuple[float, ...]) -> None:
     """The `score` stage per temperature: the student's log-probs of every candidate."""
     from dasd_jax import score
 
-    for t in TEMPS:
+    for t in temps:
         run_dir = out / "pool" / f"score_{tdir(t)}"
         if (run_dir / "score" / "summary.json").exists():
             continue
@@ -330,6 +367,7 @@ def select(out: Path, p: Preset, t: float, output: Path, seed: int, **sel) -> Pa
     from dasd_jax.select import stage as select_stage
 
     if not (output / "summary.json").exists():
+        with_report = sel.pop("report", False)
         cfg = make_config(
             out,
             p,
@@ -338,7 +376,9 @@ def select(out: Path, p: Preset, t: float, output: Path, seed: int, **sel) -> Pa
             select_stage={
                 "input": str(out / "pool" / f"score_{tdir(t)}" / "score"),
                 "output": str(output),
-                "report": sel.pop("report", False),
+                "report": with_report,
+                # the exact-match verdict of every candidate, for the Figure 6 table
+                **({"judge": JUDGE, "judge_workers": 0} if with_report else {}),
             },
             select={"seed": seed, "budget_mode": "prompts", **sel},
         )
@@ -420,11 +460,11 @@ def evaluate(out: Path, p: Preset, folder: Path, label: str, seed: int, problems
     return result
 
 
-def analysis(out: Path, p: Preset) -> dict:
+def analysis(out: Path, p: Preset, temps: tuple[float, ...]) -> dict:
     """Selection-only runs (no training): every candidate's sentence types (DAS with
     top_k = n keeps them all) and DAS's pick at each beta, per temperature."""
     res = {}
-    for t in TEMPS:
+    for t in temps:
         root = out / "analysis" / tdir(t)
         all_dir = select(
             out, p, t, root / "all_beta0.1", 0, rule="max_teacher_count", beta=0.1,
@@ -467,8 +507,10 @@ def code_version() -> dict:
     return out
 
 
-def check_plan(out: Path, preset_name: str, p: Preset) -> None:
+def check_plan(out: Path, preset_name: str, p: Preset, task_name: str = "arrows") -> None:
     plan = {"preset": preset_name, **dataclasses.asdict(p)}
+    if task_name != "arrows":  # folders of the first variant predate the key
+        plan["task"] = task_name
     plan = json.loads(json.dumps(plan))  # tuples as lists
     path = out / "plan.json"
     if path.exists():
@@ -489,6 +531,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reduced", action="store_true", help="tiny sizes for CI (minutes)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
     ap.add_argument(
+        "--task", default="arrows", choices=sorted(task.VARIANTS), help="variant (task.VARIANTS)"
+    )
+    ap.add_argument(
         "--compile-cache", default="", help="JAX compilation cache ('' = <out>/jax_cache)"
     )
     args = ap.parse_args(argv)
@@ -503,7 +548,9 @@ def main(argv: list[str] | None = None) -> dict:
     preset_name = "reduced" if args.reduced else "full"
     p = PRESETS[preset_name]
     out.mkdir(parents=True, exist_ok=True)
-    check_plan(out, preset_name, p)
+    check_plan(out, preset_name, p, args.task)
+    v = task.VARIANTS[args.task]
+    arms, temps = ARMS_BY_TASK[args.task], v.temperatures
 
     import jax
 
@@ -516,13 +563,13 @@ def main(argv: list[str] | None = None) -> dict:
     with timed(timings, "data"):
         sets = build_data(out, p)
     with timed(timings, "models"):
-        model_info = build_models(out, p, sets)
+        model_info = build_models(out, p, sets, v)
     with timed(timings, "sample"):
-        sample_pool(out, p)
+        sample_pool(out, p, temps)
     with timed(timings, "score"):
-        score_pool(out, p)
+        score_pool(out, p, temps)
     with timed(timings, "analysis"):
-        selections = analysis(out, p)
+        selections = analysis(out, p, temps)
     evals: dict[int, dict[str, dict]] = {}
     for seed in range(args.seeds):
         evals[seed] = {}
@@ -530,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
             evals[seed]["base"] = evaluate(
                 out, p, out / "models/student", "base", seed, sets["eval"]
             )
-        for arm in ARMS:
+        for arm in arms:
             with timed(timings, "select+train"):
                 folder = train_arm(out, p, seed, arm)
             with timed(timings, "evaluate"):
@@ -539,8 +586,9 @@ def main(argv: list[str] | None = None) -> dict:
         teacher_eval = evaluate(out, p, out / "models/teacher", "teacher", 0, sets["eval"])
     with timed(timings, "report"):
         results = report.build(
-            out, p, preset_name, ARMS, TEMPS, sets, model_info, evals, teacher_eval, selections
-        )
+            out, p, preset_name, v, arms, PAIRS_BY_TASK[args.task], sets, model_info, evals,
+            teacher_eval, selections,
+        )  # fmt: skip
     timings["total"] = round(time.perf_counter() - t_start, 1)
     results["timings_s"] = timings
     argv = sys.argv[1:] if argv is None else argv

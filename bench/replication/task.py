@@ -33,10 +33,26 @@ answer is {x}.`, and the steps come in four styles that differ in wording and le
              ...
              The arrow G>G points back to G, so stop.
     terse    A, D, G, G.                   the letters visited, one line
+    recap    So we follow the arrows ...   eight lines: seven fixed or copied ones around
+             The letters we visit are      one line of the letters visited (the `decoupled`
+             A, D, G.                      variant only; see `VARIANTS`)
+             ...
 
 The splitter of the select stage (`select.splitter.kind=cot`) cuts at newlines, so a response
 has one sentence per line: `terse` has 1, `compact` and `full` one per arrow followed, `words`
-one more.
+one more, `recap` 8.
+
+Two variants of the experiment (`VARIANTS`) share the problems and differ in the styles:
+
+- `arrows` (the first replication): the teacher writes compact, full, words and terse; the
+  student was pre-trained on `compact` only. Length and Teacher-sentence count rank the
+  styles alike (words > full > compact > terse).
+- `decoupled`: the teacher writes compact, full, terse and `recap`; the student was pre-trained
+  on `recap` only. `recap` is the longest style, but seven of its eight lines are fixed
+  phrases or copies that the student knows (Shared sentences) and its one line of content
+  leaves every lookup implicit, like `terse`; compact and full are shorter, written only by
+  the teacher (every line a Teacher sentence) and spell each lookup out. Length and Teacher
+  count rank them in opposite orders.
 
 Several disjoint problem sets come from one generator (`splits`): the teacher's training set,
 the student's pre-training set (another distribution, see `STUDENT_PRETRAIN`), the prompt
@@ -55,7 +71,8 @@ from dataclasses import dataclass
 # The, There, No; the system prompt's You), so that the tokenizers' isolation of `X>` and `X`
 # (`models.py`) never cuts a word in a way that collides with a name.
 LETTERS = "ABCDEGHIJKLM"
-STYLES = ("compact", "full", "words", "terse")
+STYLES = ("compact", "full", "words", "terse")  # the `arrows` variant's teacher styles
+ALL_STYLES = (*STYLES, "recap")
 _PROMPT = re.compile(r"Follow the arrows from ([A-M]): ([A-M]>[A-M](?:, [A-M]>[A-M])*)")
 
 
@@ -94,6 +111,23 @@ TEACHER_TRAIN = TaskConfig(min_steps=1, max_steps=6, min_distractors=0, max_dist
 # few distractors, one style only. It has never written the other styles nor a long path.
 STUDENT_PRETRAIN = TaskConfig(min_steps=1, max_steps=2, min_distractors=0, max_distractors=2)
 STUDENT_STYLES = ("compact",)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One version of the experiment: the styles each model learns and the temperatures the
+    teacher samples at (the problem sets are the same for every variant)."""
+
+    name: str
+    teacher_styles: tuple[str, ...]
+    student_styles: tuple[str, ...]
+    temperatures: tuple[float, ...]
+
+
+VARIANTS = {
+    "arrows": Variant("arrows", STYLES, STUDENT_STYLES, (0.6, 1.0)),
+    "decoupled": Variant("decoupled", ("compact", "full", "terse", "recap"), ("recap",), (1.0,)),
+}
 
 
 @dataclass(frozen=True)
@@ -193,8 +227,20 @@ def solve(problem: Problem, style: str) -> str:
         lines.append(f"The arrow {end}>{end} points back to {end}, so stop.")
     elif style == "terse":
         lines = [", ".join([*path, end]) + "."]
+    elif style == "recap":
+        # capitals only where no node letter can be (`LETTERS`): So, Starting, The, That, Now, Yes
+        lines = [
+            "So we follow the arrows one at a time.",
+            f"Starting from {problem.start}, we look up each letter in the list.",
+            "The letters we visit are " + ", ".join(path) + ".",
+            "That last letter points back to itself, so the walk ends there.",
+            f"So the walk stops at {end}.",
+            "Now we check that each step used an arrow from the list.",
+            "Yes, each step did.",
+            "Now we write the answer.",
+        ]
     else:
-        raise ValueError(f"unknown style {style!r}; styles: {STYLES}")
+        raise ValueError(f"unknown style {style!r}; styles: {ALL_STYLES}")
     think = "\n".join(lines)
     return f"<think>\n{think}\n</think>\n\nThe answer is {end}."
 
@@ -231,6 +277,16 @@ _STYLE_LINES = {
     ),
     "terse": (r"[A-M](?:, [A-M])*\.",),
 }
+_RECAP = (
+    r"So we follow the arrows one at a time\.",
+    r"Starting from [A-M], we look up each letter in the list\.",
+    r"The letters we visit are [A-M](?:, [A-M])*\.",
+    r"That last letter points back to itself, so the walk ends there\.",
+    r"So the walk stops at [A-M]\.",
+    r"Now we check that each step used an arrow from the list\.",
+    r"Yes, each step did\.",
+    r"Now we write the answer\.",
+)
 
 
 def detect_style(response: str) -> str:
@@ -239,6 +295,8 @@ def detect_style(response: str) -> str:
     if m is None:
         return "other"
     lines = m.group(1).split("\n")
+    if len(lines) == len(_RECAP) and all(map(re.fullmatch, _RECAP, lines)):
+        return "recap"
     for style, patterns in _STYLE_LINES.items():
         if style == "terse" and len(lines) != 1:
             continue

@@ -46,8 +46,24 @@ from dasd_jax.select.sentences import (
     split_sentences,
 )
 
-Rule = Literal["max_teacher_count", "max_teacher_ratio", "longest", "random", "min_teacher_count"]
-RULES = ("max_teacher_count", "max_teacher_ratio", "longest", "random", "min_teacher_count")
+Rule = Literal[
+    "max_teacher_count",
+    "max_teacher_ratio",
+    "max_teacher_count_for_length",
+    "longest",
+    "random",
+    "min_teacher_count",
+]
+RULES = (
+    "max_teacher_count",
+    "max_teacher_ratio",
+    "max_teacher_count_for_length",
+    "longest",
+    "random",
+    "min_teacher_count",
+)
+_NEEDS_STATS = ("max_teacher_count", "max_teacher_ratio", "max_teacher_count_for_length",
+                "min_teacher_count")  # fmt: skip
 Segments = Literal["all", "think_only", "answer_only"]
 
 # Slack on the strict inequalities: 0.4 - 0.3 is 0.10000000000000003 in binary floating point,
@@ -79,7 +95,12 @@ class SelectConfig:
     rule: how a prompt's candidates are ranked. ``max_teacher_count`` (the paper's; best in the
       ablation), ``max_teacher_ratio``, ``longest`` (student tokens; characters for a prompt
       where any candidate lacks a student token count), ``random`` (seeded, see ``select``),
-      ``min_teacher_count`` (the ablation's worst, for comparisons).
+      ``min_teacher_count`` (the ablation's worst, for comparisons),
+      ``max_teacher_count_for_length`` (a length-matched DAS, a control: the Teacher sentences
+      beyond what the candidate's length predicts, ``n_teacher - b * length``, where ``b`` is
+      the least-squares slope of Teacher count on length over every scored candidate of the
+      run; among candidates of equal length it is ``max_teacher_count``, and a candidate that
+      is only longer gains nothing on average).
     beta: threshold on ``|p_T - p_S|`` (absolute probabilities in [0, 1]).
     top_k: candidates kept per prompt (the paper keeps one, implicitly).
     seed: for ``random`` and the ``budget`` prompt subset.
@@ -318,14 +339,17 @@ def stable_hash(*parts: object) -> int:
     return int.from_bytes(digest, "little")
 
 
-def _rank_key(c: Candidate, rule: Rule, length_by_tokens: bool, seed: int) -> tuple:
+def _rank_key(
+    c: Candidate, rule: Rule, length_by_tokens: bool, seed: int, slope: float = 0.0
+) -> tuple:
     """Sort key (ascending = better). After the rule's primary score the tie-break is fixed:
-    more Teacher sentences, then fewer Student sentences, then shorter, then lower index."""
+    more Teacher sentences, then fewer Student sentences, then shorter, then lower index.
+    slope: Teacher sentences per unit of length, for ``max_teacher_count_for_length``."""
     s = c.stats
     n_teacher = s.n_teacher if s else 0
     n_student = s.n_student if s else 0
     length = c.n_student_tokens if length_by_tokens else c.n_chars
-    if rule in ("max_teacher_count", "max_teacher_ratio", "min_teacher_count") and s is None:
+    if rule in _NEEDS_STATS and s is None:
         raise ValueError(
             f"rule {rule!r} needs ResponseStats: candidate {c.index} of prompt "
             f"{c.prompt_id!r} was not scored"
@@ -336,6 +360,8 @@ def _rank_key(c: Candidate, rule: Rule, length_by_tokens: bool, seed: int) -> tu
         primary = (-s.teacher_ratio,)
     elif rule == "min_teacher_count":
         primary = (n_teacher,)
+    elif rule == "max_teacher_count_for_length":
+        primary = (-(n_teacher - slope * length),)
     elif rule == "longest":
         primary = (-length,)
     else:  # random: a per-candidate stable hash is a seeded permutation that does not
@@ -344,12 +370,37 @@ def _rank_key(c: Candidate, rule: Rule, length_by_tokens: bool, seed: int) -> tu
     return (*primary, -n_teacher, n_student, length, c.index)
 
 
-def rank_candidates(candidates: Sequence[Candidate], cfg: SelectConfig) -> list[Candidate]:
-    """The unrejected candidates of one prompt, best first under ``cfg.rule``."""
+def rank_candidates(
+    candidates: Sequence[Candidate],
+    cfg: SelectConfig,
+    slope: float | None = None,
+    by_tokens: bool | None = None,
+) -> list[Candidate]:
+    """The unrejected candidates of one prompt, best first under ``cfg.rule``. slope: for
+    ``max_teacher_count_for_length``, the pool's (``length_slope``), in the length unit
+    ``by_tokens`` (None: these candidates' slope, and tokens if they all have a count)."""
     kept = [c for c in candidates if c.rejected is None]
     # Lengths must be comparable within a prompt: tokens only if every candidate has them.
-    by_tokens = all(c.n_student_tokens is not None for c in kept)
-    return sorted(kept, key=lambda c: _rank_key(c, cfg.rule, by_tokens, cfg.seed))
+    if by_tokens is None:
+        by_tokens = all(c.n_student_tokens is not None for c in kept)
+    if slope is None:
+        slope = length_slope(kept, by_tokens) if cfg.rule == "max_teacher_count_for_length" else 0
+    return sorted(kept, key=lambda c: _rank_key(c, cfg.rule, by_tokens, cfg.seed, slope))
+
+
+def length_slope(candidates: Sequence[Candidate], by_tokens: bool) -> float:
+    """Least-squares slope of the Teacher-sentence count on length (student tokens, or
+    characters) over the scored, unrejected candidates; 0 when every length is the same."""
+    pts = [
+        (c.n_student_tokens if by_tokens else c.n_chars, c.stats.n_teacher)
+        for c in candidates
+        if c.rejected is None and c.stats is not None
+    ]
+    if len(pts) < 2:
+        return 0.0
+    x, y = np.asarray(pts, float).T
+    var = float(((x - x.mean()) ** 2).sum())
+    return float(((x - x.mean()) * (y - y.mean())).sum() / var) if var > 0 else 0.0
 
 
 def select(candidates: Iterable[Candidate], cfg: SelectConfig | None = None) -> Selection:
@@ -374,10 +425,18 @@ def select(candidates: Iterable[Candidate], cfg: SelectConfig | None = None) -> 
         if len({c.index for c in group}) != len(group):
             raise ValueError(f"prompt {pid!r} has two candidates with the same index")
 
+    every = [c for group in by_prompt.values() for c in group if c.rejected is None]
+    # One length unit for the whole pool: tokens only if every kept sample has them.
+    pool_by_tokens = all(c.n_student_tokens is not None for c in every)
+    slope = (
+        length_slope(every, pool_by_tokens) if cfg.rule == "max_teacher_count_for_length" else 0.0
+    )
     chosen: dict[str, list[Candidate]] = {}
     empty: list[str] = []
     for pid in sorted(by_prompt):
-        ranked = rank_candidates(by_prompt[pid], cfg)[: cfg.top_k]
+        # the pool's length unit for the slope; every other rule compares within the prompt
+        unit = pool_by_tokens if cfg.rule == "max_teacher_count_for_length" else None
+        ranked = rank_candidates(by_prompt[pid], cfg, slope, unit)[: cfg.top_k]
         if ranked:
             chosen[pid] = ranked
         else:
@@ -402,7 +461,7 @@ def select(candidates: Iterable[Candidate], cfg: SelectConfig | None = None) -> 
             by_tokens = all(c.n_student_tokens is not None for g in chosen.values() for c in g)
             for pid, group in chosen.items():
                 for c in group:
-                    key = _rank_key(c, cfg.rule, by_tokens, cfg.seed)
+                    key = _rank_key(c, cfg.rule, by_tokens, cfg.seed, slope)
                     pool.append((key[:-1], pid, c.index, c))
             pool.sort(key=lambda item: item[:3])
             keep = {(pid, idx) for _, pid, idx, _ in pool[: cfg.budget]}
