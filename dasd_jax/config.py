@@ -9,6 +9,7 @@ never configured here: they come from each checkpoint's config.json.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from dasd_jax.evaluate.config import EvaluateConfig
+from dasd_jax.evaluate.config import EvaluateConfig, check_scorer_spec
 from dasd_jax.export import ExportConfig
 from dasd_jax.mixed_policy.config import MixedPolicyConfig
 from dasd_jax.models.qwen3 import ModelOptions
@@ -114,6 +115,13 @@ class SelectStageConfig:
     on_bad_row: str = ""  # "" = bad_rows.on_bad_row | error | skip (to rejects.jsonl)
     report: bool = True  # report.md + PNG plots (matplotlib) besides summary.json
     scatter_points: int = 20000  # sentences kept (seeded reservoir) for the p_T vs p_S plot
+    # who judges candidates correct for the report's Figure 6 table (docs/select_stage.md):
+    # "" = filters.answer's verdicts when that filter is on, else math on the embedded default
+    # (student.path ""), else nobody | none | math | choice | "package.module:function" (a
+    # scorer, docs/evaluate.md) on every scored candidate with a reference_answer
+    judge: str = ""
+    judge_timeout_s: float = 10.0  # per candidate, for a judge scorer (+ 2 s, then killed)
+    judge_workers: int = 2  # judge scorer processes; 0 = in this process
 
     def __post_init__(self) -> None:
         if self.on_bad_row not in ("", "error", "skip"):
@@ -126,6 +134,21 @@ class SelectStageConfig:
             )
         if self.records_per_file < 1 or self.scatter_points < 0:
             raise ValueError("select_stage.records_per_file must be >= 1, scatter_points >= 0")
+        if self.judge not in ("", "none"):
+            try:
+                check_scorer_spec(self.judge)
+            except ValueError:
+                raise ValueError(
+                    "select_stage.judge must be '', none, math, choice or "
+                    f"'package.module:function', got {self.judge!r}"
+                ) from None
+        if not (math.isfinite(self.judge_timeout_s) and self.judge_timeout_s > 0):
+            raise ValueError(
+                f"select_stage.judge_timeout_s must be a finite number > 0, "
+                f"got {self.judge_timeout_s!r}"
+            )
+        if self.judge_workers < 0:
+            raise ValueError(f"select_stage.judge_workers must be >= 0, got {self.judge_workers}")
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ batch axes; log-probs come from the chunked kernel (`logprobs.sequence_logprobs`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -568,6 +569,8 @@ def run(cfg: Config) -> dict:
     """Score every candidate of `score.input`; returns the summary."""
     out_dir = storage.join(cfg.run_dir, "score")  # local or gs://
     storage.makedirs(out_dir)
+    if not input_spec(cfg) and not cfg.score.answer_field:  # the demo math rows carry answers
+        cfg = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, answer_field="answer"))
     student_path, spec, files = resolve_inputs(cfg)
     parts = storage.glob(storage.join(out_dir, "part-*.jsonl"))
     check_settings(out_dir, shard_settings(cfg, student_path, files), device_of(), parts)

@@ -200,6 +200,15 @@ def test_cli_score_then_select_on_the_embedded_default(tmp_path, monkeypatch, ca
     assert summary["prompts"] == 12 and summary["candidates"] == 26
     assert summary["filters"]["no_think"] == 1 and summary["filters"]["line_repetition"] == 1
     assert summary["selected"] == 12 and (out / "select" / "report.md").exists()
+    # the paper's Figure 6 on the embedded default: the demo math rows carry their answers,
+    # which the score stage copies, and select judges them with math-verify
+    # (20 of the 26 candidates have one; the truncated one has no answer at all: incorrect)
+    fig6 = summary["correctness"]
+    correct, incorrect = fig6["groups"]["correct"], fig6["groups"]["incorrect"]
+    assert fig6["source"] == "math" and fig6["not_judged"] == 6
+    assert correct["candidates"] + incorrect["candidates"] == 20 and incorrect["candidates"] >= 1
+    assert "(paper Figure 6)" in (out / "select" / "report.md").read_text()
+    assert (out / "select" / "plots" / "correctness.png").exists()
     score_summary = json.loads((out / "score" / "summary.json").read_text())
     assert score_summary["teacher_from"]["model"] == 26
     assert 0 <= score_summary["student_padding_fraction"] < 1

@@ -384,6 +384,11 @@ class TeacherSampler:
 
 def run(cfg: Config) -> dict:
     """Sample `sample.n` candidates per prompt at every temperature; returns the summary."""
+    if not cfg.sample.input and not cfg.sample.answer_field:
+        # the demo prompts' math rows carry their answers: the select report's Figure 6 table
+        cfg = dataclasses.replace(
+            cfg, sample=dataclasses.replace(cfg.sample, answer_field="answer")
+        )
     if cfg.sample.backend == "openai":
         from dasd_jax.sample import openai_client
 

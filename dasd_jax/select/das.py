@@ -62,7 +62,7 @@ RULES = (
     "random",
     "min_teacher_count",
 )
-_NEEDS_STATS = ("max_teacher_count", "max_teacher_ratio", "max_teacher_count_for_length",
+NEEDS_STATS = ("max_teacher_count", "max_teacher_ratio", "max_teacher_count_for_length",
                 "min_teacher_count")  # fmt: skip
 Segments = Literal["all", "think_only", "answer_only"]
 
@@ -349,7 +349,7 @@ def _rank_key(
     n_teacher = s.n_teacher if s else 0
     n_student = s.n_student if s else 0
     length = c.n_student_tokens if length_by_tokens else c.n_chars
-    if rule in _NEEDS_STATS and s is None:
+    if rule in NEEDS_STATS and s is None:
         raise ValueError(
             f"rule {rule!r} needs ResponseStats: candidate {c.index} of prompt "
             f"{c.prompt_id!r} was not scored"

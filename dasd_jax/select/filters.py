@@ -542,8 +542,19 @@ def filter_batch(
     """``apply_filters`` for many records; the answer checks run in ``cfg.answer_workers``
     worker processes (``map_with_timeout``) with a hard limit of ``cfg.answer_timeout_s`` + 2 s
     per item, process starts not included."""
+    return filter_and_judge(records, cfg)[0]
+
+
+def filter_and_judge(
+    records: Sequence[FilterInput], cfg: FilterConfig | None = None
+) -> tuple[list[list[str]], list[bool | None]]:
+    """``filter_batch``'s reasons, and per record the answer check's verdict: True (the
+    answer is equivalent), False (``wrong_answer``), None where the check did not judge (off,
+    no reference answer, another filter rejected the record first, a reference answer
+    math-verify cannot parse, ``answer_timeout``, ``answer_error``)."""
     cfg = cfg or FilterConfig()
     reasons = [cheap_reasons(rec, cfg) for rec in records]
+    verdicts: list[bool | None] = [None] * len(records)
     jobs = [(i, _answer_job(rec, cfg)) for i, rec in enumerate(records) if not reasons[i]]
     jobs = [(i, job) for i, job in jobs if job is not None]
     if jobs:
@@ -558,7 +569,9 @@ def filter_batch(
         for (i, _), (status, verdict) in zip(jobs, out, strict=True):
             if (r := _answer_reason(status, verdict)) is not None:
                 reasons[i].append(r)
-    return reasons
+            if status == "ok" and isinstance(verdict, bool):
+                verdicts[i] = verdict
+    return reasons, verdicts
 
 
 def count_reasons(reasons: Iterable[Sequence[str]]) -> dict[str, int]:

@@ -7,7 +7,9 @@ sentence-type counts), its per-candidate records and the sentence reservoir; pro
 - `sentence_types.png`: sentence-type shares per domain @ temperature;
 - `filters.png`: candidates dropped per filter reason;
 - `scatter.png`: teacher vs student sentence probability (a seeded sample of sentences),
-  coloured by type, with the p_T - p_S = +-beta lines.
+  coloured by type, with the p_T - p_S = +-beta lines;
+- `correctness.png` (when candidates were judged): Teacher / Student / Shared sentences in
+  correct vs incorrect candidates, mean count per candidate and share (the paper's Figure 6).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from dasd_jax.records import atomic_write
 
 _COLORS = {1: "tab:red", 2: "tab:blue", 0: "tab:gray"}
 _LABELS = {1: "Teacher", 2: "Student", 0: "Shared"}
+_KINDS = (("teacher", "Teacher", "tab:red"), ("student", "Student", "tab:blue"),
+          ("shared", "Shared", "tab:gray"))  # fmt: skip
+FIGURE6 = "## Sentence types in correct vs incorrect candidates (paper Figure 6)"
 
 
 def _save(fig, path: str) -> None:
@@ -108,7 +113,47 @@ def plots(out_dir: str | Path, summary: dict, seen: list, kept: dict, acc) -> li
         ax.legend(fontsize=7, markerscale=3)
         _save(fig, storage.join(pdir, "scatter.png"))
         made.append("plots/scatter.png")
+    if _judged(summary.get("correctness")):
+        made.append(_plot_correctness(pdir, summary["correctness"]))
+    else:  # a previous run's figure would tell of other candidates
+        storage.unlink(storage.join(pdir, "correctness.png"))
     return made
+
+
+def _judged(table: dict | None) -> bool:
+    return bool(table) and any(g["candidates"] for g in table["groups"].values())
+
+
+def _plot_correctness(pdir: str, table: dict) -> str:
+    """Figure 6: grouped bars per sentence type, correct vs incorrect; count and share."""
+    import matplotlib.pyplot as plt
+
+    groups = table["groups"]
+    names = ["correct", "incorrect"]  # an empty group shows as such: no bars
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    x = np.arange(len(names))
+    width = 0.26
+    for ax, stat, title in (
+        (axes[0], "mean", "sentences per candidate"),
+        (axes[1], "share", "share of counted sentences"),
+    ):
+        for j, (kind, label, color) in enumerate(_KINDS):
+            vals = [groups[g][stat][kind] for g in names]
+            heights = [np.nan if v is None else v for v in vals]
+            bars = ax.bar(x + (j - 1) * width, heights, width, label=label, color=color)
+            digits = 2 if stat == "share" else 1
+            labels = ["" if v is None else f"{v:.{digits}f}" for v in vals]
+            ax.bar_label(bars, labels=labels, fontsize=7, padding=1)
+        ax.set_xticks(x, [f"{g}\n({_n(groups[g]['candidates'], 'candidate')})" for g in names])
+        ax.set_xlim(-0.6, len(names) - 0.4)  # an empty group's bars do not extend it
+        ax.set_title(title, fontsize=10)
+        ax.margins(y=0.15)
+    axes[1].set_ylim(0, 1.1)
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.22), ncol=3)
+    fig.suptitle(f"Sentence types in correct vs incorrect candidates (judged by {table['source']})")
+    fig.tight_layout()
+    _save(fig, storage.join(pdir, "correctness.png"))
+    return "plots/correctness.png"
 
 
 def timeout_note(filter_counts: dict[str, int]) -> str | None:
@@ -121,6 +166,53 @@ def timeout_note(filter_counts: dict[str, int]) -> str | None:
         "its own time limits included) did not finish, so they were not judged, not found "
         "wrong; raise `filters.answer_timeout_s` to judge them"
     )
+
+
+def _n(k: int, what: str) -> str:
+    return f"{k} {what}" + ("" if k == 1 else "s")
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def correctness_markdown(table: dict | None) -> list[str]:
+    """The Figure 6 section: the table, its source and the not-judged count; one line when
+    nothing was judged."""
+    if table is None:
+        return []
+    lines = [FIGURE6, ""]
+    if table["source"] is None:
+        return lines + [
+            "No candidate judged: set `select_stage.judge=math` (or `choice`, or "
+            "`package.module:function`; candidates need a `reference_answer`) or turn on "
+            "`filters.answer`.",
+            "",
+        ]
+    if not _judged(table):
+        return lines + [
+            f"No candidate judged by `{table['source']}`: {table['not_judged']} scored "
+            "candidates without a verdict (no `reference_answer`, a timeout or an error).",
+            "",
+        ]
+    lines += [
+        "| group | candidates | Teacher / cand. | Student / cand. | Shared / cand. "
+        "| Teacher share | Student share | Shared share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, g in table["groups"].items():
+        means = " | ".join(_fmt(g["mean"][k], 2) for k, _, _ in _KINDS)
+        shares = " | ".join(_fmt(g["share"][k], 3) for k, _, _ in _KINDS)
+        lines.append(f"| {name} | {g['candidates']} | {means} | {shares} |")
+    return lines + [
+        "",
+        f"Judged by `{table['source']}` (`select_stage.judge`), over every scored candidate "
+        f"(rejected or kept); {table['not_judged']} scored candidates not judged (no "
+        "`reference_answer`, a timeout, an error, or no verdict). Shares are of the group's "
+        "Teacher + Student + Shared sentences. The paper found Teacher sentences more "
+        "frequent in correct answers.",
+        "",
+    ]
 
 
 def _table(rows: dict[str, dict], head: str) -> list[str]:
@@ -189,6 +281,7 @@ def markdown(summary: dict, images: list[str]) -> str:
         f"Selected: mean Teacher-sentence count {s['selected_mean_teacher_count']}, "
         f"mean ratio {s['selected_mean_teacher_ratio']}.",
         "",
+        *correctness_markdown(s.get("correctness")),
         "## Plots",
         "",
     ]

@@ -19,7 +19,9 @@ file written under a temporary name and renamed (`dasd_jax.storage`):
   prompt was kept), `over_budget`, or a bad scored line (`select_stage.on_bad_row=skip`);
 - `summary.json`: rows in/out per domain and temperature, per-filter drops, sentence-type
   distributions, selection counts, the config used, and `counts` {in, out, rejected,
-  other_temperature} with in = out + rejected + other_temperature;
+  other_temperature} with in = out + rejected + other_temperature; `correctness`: sentence
+  types in correct vs incorrect candidates (the paper's Figure 6, `select.correctness`;
+  judged by `select_stage.judge`, in pass 1's chunks);
 - `report.md` + `plots/*.png` (matplotlib): the same tables, DAS score histograms and the
   teacher-vs-student sentence probability scatter (`select.report`).
 
@@ -53,7 +55,7 @@ from dasd_jax.records import (
     write_jsonl,
 )
 from dasd_jax.schema import Candidate, SFTRecord, write_sft_records
-from dasd_jax.select import das, filters
+from dasd_jax.select import correctness, das, filters
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class Seen:
     n_student_tokens: int | None
     stats: das.ResponseStats | None
     uuid: str | None = None
+    correct: bool | None = None  # the judge's verdict; None = not judged (`correctness`)
 
 
 @dataclass
@@ -105,6 +108,43 @@ class Accumulators:
                 j = rng.randint(0, self.seen_sentences)
                 if j < self.capacity:
                     self.scatter[j] = item
+
+
+@dataclass
+class _Checks:
+    """Candidates waiting for the batched checks, at most `_FILTER_CHUNK` (their texts are
+    never all held): the filters (the answer check in worker processes) and, with a judge
+    scorer (`correctness.judge_source`), the verdicts of Figure 6's table."""
+
+    cfg: Config
+    judge: str | None
+    pending: list[tuple[Seen, filters.FilterInput, tuple | None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.judge not in (None, correctness.FILTERS_ANSWER):
+            correctness.check_judge(self.judge, self.cfg.select_stage.judge_timeout_s)
+
+    def add(self, s: Seen, c: Candidate, n_tok: int | None) -> None:
+        item = None
+        if self.judge not in (None, correctness.FILTERS_ANSWER):
+            if s.stats is not None and c.reference_answer is not None:
+                item = correctness.judge_item(c)
+        fi = filters.FilterInput(c.response, n_tok if n_tok is not None else 0, c.reference_answer)
+        self.pending.append((s, fi, item))
+        if len(self.pending) >= _FILTER_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        inputs = [fi for _, fi, _ in self.pending]
+        reasons, verdicts = filters.filter_and_judge(inputs, self.cfg.filters)
+        for (s, _, _), rs, verdict in zip(self.pending, reasons, verdicts, strict=True):
+            s.reasons = rs + s.reasons
+            if self.judge == correctness.FILTERS_ANSWER:
+                s.correct = verdict
+        items = [(s, item) for s, _, item in self.pending if item is not None]
+        if items:
+            correctness.judge(self.judge, items, self.cfg)
+        self.pending.clear()
 
 
 def _temp_key(t: float | None) -> str:
@@ -184,21 +224,14 @@ def run(cfg: Config) -> dict:
             " or set select_stage.input"
         )
     t0 = time.perf_counter()
-    needs_stats = cfg.select.rule in ("max_teacher_count", "max_teacher_ratio", "min_teacher_count")
+    needs_stats = cfg.select.rule in das.NEEDS_STATS
     rng = np.random.RandomState(cfg.select.seed)
     acc = Accumulators(cfg.select.seed, sc.scatter_points)
     seen: list[Seen] = []
     keys: set[tuple[str, int]] = set()
     bad: list[BadRow] = []
     other = [0]  # candidates of the other temperature class
-    pending: list[tuple[Seen, filters.FilterInput]] = []
-
-    def flush():
-        reasons = filters.filter_batch([fi for _, fi in pending], cfg.filters)
-        for (s, _), rs in zip(pending, reasons, strict=True):
-            s.reasons = rs + s.reasons
-        pending.clear()
-
+    checks = _Checks(cfg, correctness.judge_source(cfg))
     policy = cfg.bad_rows.for_stage(sc.on_bad_row)
     for fi, line, c in _iter_candidates(files, policy.on_bad_row, bad, sc, other):
         st = c.student
@@ -232,17 +265,8 @@ def run(cfg: Config) -> dict:
         elif needs_stats:
             s.reasons.append("no_teacher_scores")
         seen.append(s)
-        pending.append(
-            (
-                s,
-                filters.FilterInput(
-                    c.response, n_tok if n_tok is not None else 0, c.reference_answer
-                ),
-            )
-        )
-        if len(pending) >= _FILTER_CHUNK:
-            flush()
-    flush()
+        checks.add(s, c, n_tok)
+    checks.flush()
     require_rows(
         len(bad) + len(seen) + other[0], f"select_stage.input={in_dir} ({len(files)} parts)"
     )
@@ -322,6 +346,7 @@ def run(cfg: Config) -> dict:
     train_files = _write_train(files, kept, out_dir, sc, on_bad=policy.on_bad_row)
 
     summary = _summary(cfg, seen, bad, selection, acc, files, train_files, n_rejects)
+    summary["correctness"] = correctness.correctness_table(seen, checks.judge)
     summary["temperatures"] = sc.temperatures
     summary["other_temperature"] = other[0]
     summary["counts"] = {
