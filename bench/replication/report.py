@@ -234,6 +234,14 @@ def agreement(out: Path, seeds, arms) -> dict:
     """Per pair of single-stage arms at one temperature and budget: the share of prompts on
     which both kept the same candidate (mean over seeds). Near 1, two rules are one rule here."""
     single = [a for a in arms if a.after is None]
+    picks = {
+        (s, a.name): {
+            r["prompt_id"]: r["candidate"]
+            for r in read_selected(out / f"seed{s}" / a.name / "select")
+        }
+        for s in seeds
+        for a in single
+    }
     res = {}
     for i, a in enumerate(single):
         for b in single[i + 1 :]:
@@ -241,15 +249,10 @@ def agreement(out: Path, seeds, arms) -> dict:
                 continue
             same = []
             for s in seeds:
-                pa = {r["prompt_id"]: r["candidate"] for r in read_selected(_sel(out, s, a))}
-                pb = {r["prompt_id"]: r["candidate"] for r in read_selected(_sel(out, s, b))}
+                pa, pb = picks[s, a.name], picks[s, b.name]
                 same.append(np.mean([pa[k] == pb.get(k) for k in pa]) if pa else 0.0)
             res[f"{a.name} = {b.name}"] = float(np.mean(same))
     return res
-
-
-def _sel(out: Path, seed: int, arm) -> Path:
-    return out / f"seed{seed}" / arm.name / "select"
 
 
 def build(
@@ -453,25 +456,12 @@ def _arrows_tables(res: dict, row, head: str) -> tuple[str, str]:
 
 
 def _figure6(f6: dict | None) -> str:
-    if not f6 or not f6.get("groups"):
-        return "(no candidate judged)\n"
-    out = (
-        "| candidates | n | Teacher / Student / Shared per candidate | "
-        "Teacher / Student / Shared share (%) |\n|---|---|---|---|\n"
-    )
-    for name, g in f6["groups"].items():
-        if not g["candidates"]:
-            out += f"| {name} | 0 | - | - |\n"
-            continue
-        m, sh = g["mean"], g["share"]
-        out += (
-            f"| {name} | {g['candidates']} | "
-            + " / ".join(f"{m[k]:.2f}" for k in KINDS)
-            + " | "
-            + " / ".join(f"{100 * sh[k]:.1f}" for k in KINDS)
-            + " |\n"
-        )
-    return out + f"\nNot judged: {f6.get('not_judged', 0)}; judge: `{f6.get('source')}`.\n"
+    """The select stage's own Figure 6 table (`select.report.correctness_markdown`), without
+    its heading (this report has its own)."""
+    from dasd_jax.select.report import correctness_markdown
+
+    lines = correctness_markdown(f6)[2:]
+    return "\n".join(lines) + "\n" if lines else "(no candidate judged)\n"
 
 
 def _common_tables(res: dict) -> dict:

@@ -33,7 +33,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -54,14 +54,7 @@ Rule = Literal[
     "random",
     "min_teacher_count",
 ]
-RULES = (
-    "max_teacher_count",
-    "max_teacher_ratio",
-    "max_teacher_count_for_length",
-    "longest",
-    "random",
-    "min_teacher_count",
-)
+RULES: tuple[str, ...] = get_args(Rule)
 NEEDS_STATS = ("max_teacher_count", "max_teacher_ratio", "max_teacher_count_for_length",
                 "min_teacher_count")  # fmt: skip
 Segments = Literal["all", "think_only", "answer_only"]
